@@ -1,0 +1,107 @@
+"""Load params.yaml and validate it against workflow/schemas/params.schema.yaml (filling defaults).
+
+Every error is one line that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from sophon.errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "params.schema.yaml"
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    return validate_params(raw, source=str(path))
+
+
+def validate_params(raw, source: str = "params.yaml") -> dict:
+    """Return a validated deep copy of `raw` with schema defaults filled in."""
+    import jsonschema
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    config = copy.deepcopy(raw)
+    schema = load_schema()
+    validator_cls = _with_defaults(jsonschema.Draft202012Validator)
+    errors = sorted(validator_cls(schema).iter_errors(config), key=lambda e: (len(e.absolute_path), e.message))
+    if errors:
+        raise ConfigError(_describe(errors[0], source))
+    _check_names(config, source)
+    return config
+
+
+def _describe(error, source: str) -> str:
+    # For oneOf/anyOf failures, the most specific sub-error names the real problem.
+    best = error
+    if error.context:
+        import jsonschema
+
+        best = jsonschema.exceptions.best_match([error]) or error
+    key = ".".join(str(part) for part in best.absolute_path) or "<top level>"
+    if best.validator == "additionalProperties":
+        allowed = ", ".join(sorted(best.schema.get("properties", {}))) or "none"
+        return f"{source}: {best.message} under key '{key}'; allowed keys: {allowed}"
+    if best.validator == "required":
+        return f"{source}: key '{key}': {best.message}"
+    value = yaml.safe_dump(best.instance, default_flow_style=True).strip().removesuffix("...").strip()
+    return f"{source}: key '{key}' = {value}: {best.message}"
+
+
+def _with_defaults(validator_class):
+    """Extend a jsonschema validator so that `default` values fill missing properties while validating."""
+    import jsonschema
+
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _check_names(config: dict, source: str) -> None:
+    """Names the schema cannot know: registered domains, models and attack methods."""
+    from sophon.attacks import ATTACKS
+    from sophon.data import domain_names
+
+    for section in ("original", "restricted"):
+        name = config[section]["domain"]
+        if name not in domain_names():
+            raise ConfigError(f"{source}: key '{section}.domain' = {name}: unknown domain; "
+                              f"known: {', '.join(domain_names())}")
+    arch = config["model"]["arch"]
+    from sophon.models import MODEL_BUILDERS
+
+    if arch not in MODEL_BUILDERS:
+        import timm
+
+        if not timm.is_model(arch):
+            raise ConfigError(f"{source}: key 'model.arch' = {arch}: unknown model; use a timm model name "
+                              f"(timm.list_models()) or one of: {', '.join(sorted(MODEL_BUILDERS))}")
+    for name, attack in config["attacks"].items():
+        if attack["method"] not in ATTACKS:
+            raise ConfigError(f"{source}: key 'attacks.{name}.method' = {attack['method']}: unknown attack method; "
+                              f"known: {', '.join(sorted(ATTACKS))}")

@@ -1,0 +1,185 @@
+"""Model registry over timm names plus the paper's small VGG; head reset (initFC); checkpoint I/O.
+
+Checkpoints are `model.safetensors` plus a `model.json` card. Loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from sophon import __version__
+from sophon.errors import CheckpointError, UnknownNameError, unknown
+from sophon.io import atomic_path, read_json, sha256_file, write_json
+
+# Quick-profile inputs are scaled to [-1, 1]; the card records it so every loader agrees.
+DEFAULT_NORMALIZATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    def wrap(builder):
+        MODEL_BUILDERS[name] = builder
+        return builder
+
+    return wrap
+
+
+class PaperVGG(nn.Module):
+    """The paper's 'VGG' (about 9.6 M parameters): a VGG-13 BN feature stack and a small classifier,
+    not timm's VGG with its 4096-wide head. Exposes timm's head API (get_classifier, reset_classifier)."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3):
+        super().__init__()
+        from torchvision.models.vgg import cfgs, make_layers
+
+        layers = make_layers(cfgs["B"], batch_norm=True)
+        if in_chans != 3:
+            layers[0] = nn.Conv2d(in_chans, 64, kernel_size=3, padding=1)
+        self.features = nn.Sequential(layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.pre_logits = nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward_features(self, x):
+        return self.features(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = self.pre_logits(x)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.fc = nn.Linear(self.fc.in_features, num_classes)
+
+
+@register_model("paper_vgg")
+def _paper_vgg(num_classes: int, in_chans: int) -> nn.Module:
+    return PaperVGG(num_classes, in_chans)
+
+
+class Classifier(nn.Module):
+    """A backbone with its input normalisation, so a checkpoint is usable on raw [0, 1] images."""
+
+    def __init__(self, backbone: nn.Module, normalization: dict):
+        super().__init__()
+        self.net = backbone
+        channels = getattr(backbone, "in_chans", None) or len(normalization["mean"])
+        mean = torch.tensor(normalization["mean"][:channels]).view(1, -1, 1, 1)
+        std = torch.tensor(normalization["std"][:channels]).view(1, -1, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    def forward(self, x):
+        return self.net((x - self.mean) / self.std)
+
+    def features(self, x):
+        """Pre-logit features (used by NTL's MMD term)."""
+        net = self.net
+        return net.forward_head(net.forward_features((x - self.mean) / self.std), pre_logits=True)
+
+
+def build_classifier(arch: str, num_classes: int, in_chans: int = 3, normalization: dict | None = None) -> Classifier:
+    """Any timm model name, or a name registered here (paper_vgg). Randomly initialised."""
+    normalization = normalization or DEFAULT_NORMALIZATION
+    if arch in MODEL_BUILDERS:
+        backbone = MODEL_BUILDERS[arch](num_classes=num_classes, in_chans=in_chans)
+    else:
+        import timm
+
+        if not timm.is_model(arch):
+            raise unknown("model", arch, list(MODEL_BUILDERS) + ["<any timm model name>"])
+        backbone = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    return Classifier(backbone, normalization)
+
+
+def reset_head(model: Classifier) -> None:
+    """The paper's initFC: re-initialise the last fully connected layer (timm's reset_classifier)."""
+    head = model.net.get_classifier()
+    model.net.reset_classifier(head.out_features)
+    model.net.get_classifier().to(next(model.parameters()).device)
+
+
+def head_parameter_names(model: Classifier) -> set[str]:
+    head = model.net.get_classifier()
+    head_ids = {id(p) for p in head.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in head_ids}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+WEIGHTS, CARD = "model.safetensors", "model.json"
+
+
+def save_checkpoint(model: nn.Module, folder: str | Path, card: dict) -> None:
+    """Write weights then the card (with the weights' hash), each atomically; the card comes last,
+    so a folder with a card always holds complete weights."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
+    full_card = {**card, "weights_sha256": sha256_file(folder / WEIGHTS), "sophon_version": __version__,
+                 "num_parameters": count_parameters(model)}
+    write_json(folder / CARD, full_card)
+
+
+def read_card(folder: str | Path) -> dict:
+    path = Path(folder) / CARD
+    if not path.exists():
+        raise CheckpointError(f"checkpoint card missing: {path}")
+    try:
+        return read_json(path)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint card {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def load_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint's tensors with safetensors (no pickle), after checking them against the card."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    card = read_card(folder)
+    weights = folder / WEIGHTS
+    if not weights.exists():
+        raise CheckpointError(f"checkpoint weights missing: {weights}")
+    if card.get("weights_sha256") and sha256_file(weights) != card["weights_sha256"]:
+        raise CheckpointError(f"checkpoint {weights} is corrupted: its SHA-256 does not match {folder / CARD}")
+    try:
+        return load_file(str(weights)), card
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {weights} cannot be read: {exc}") from None
+
+
+def load_classifier(folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[Classifier, dict]:
+    """Rebuild a classifier from its card and load its safetensors weights."""
+    state, card = load_state(folder)
+    if card.get("kind", "classifier") != "classifier":
+        raise CheckpointError(f"{folder} holds a {card.get('kind')} checkpoint, not a classifier")
+    try:
+        model = build_classifier(card["architecture"], card["num_classes"], card["in_chans"], card["normalization"])
+    except KeyError as exc:
+        raise CheckpointError(f"checkpoint card {Path(folder) / CARD} lacks the key {exc}") from None
+    except UnknownNameError as exc:
+        raise CheckpointError(f"checkpoint card {Path(folder) / CARD}: {exc}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"checkpoint {folder} does not fit its card's architecture: {first}") from None
+    return model.to(map_location), card

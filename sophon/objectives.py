@@ -1,0 +1,56 @@
+"""What a model is trained, fine-tuned, suppressed and judged on, per task family.
+
+One fine-tuning simulation (sophon.simulate) and one protect loop (sophon.protect) serve classification
+and diffusion alike; an objective supplies the losses and the quality measure.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from sophon.data import ImageSet
+from sophon.losses import get_loss
+from sophon.train import evaluate_accuracy, to_input
+
+Forward = Callable[..., torch.Tensor]
+
+
+class Objective(Protocol):
+    higher_is_better: bool
+
+    def finetune_loss(self, forward: Forward, images, labels, generator) -> torch.Tensor: ...
+
+    def suppression_loss(self, forward: Forward, images, labels, generator) -> torch.Tensor: ...
+
+    def quality(self, model, data: ImageSet, device) -> float: ...
+
+    def fresh_head(self, model) -> dict[str, torch.Tensor]: ...
+
+
+class ClassificationObjective:
+    """Cross-entropy for fine-tuning and reinforcement; ICE or KLU (or −CE) for suppression; accuracy."""
+
+    higher_is_better = True
+
+    def __init__(self, suppression: str = "ice", device: torch.device | None = None):
+        self.suppress = get_loss(suppression)
+        self.device = device or torch.device("cpu")
+
+    def finetune_loss(self, forward, images, labels, generator):
+        return F.cross_entropy(forward(to_input(images, self.device)), labels.to(self.device))
+
+    def suppression_loss(self, forward, images, labels, generator):
+        return self.suppress(forward(to_input(images, self.device)), labels.to(self.device))
+
+    def quality(self, model, data, device):
+        return evaluate_accuracy(model, data, device)
+
+    def fresh_head(self, model) -> dict[str, torch.Tensor]:
+        """Parameters of a newly initialised last FC layer, keyed by their names in `model` (initFC)."""
+        head = model.net.get_classifier()
+        fresh = torch.nn.Linear(head.in_features, head.out_features).to(head.weight.device)
+        prefix = next(name for name, module in model.named_modules() if module is head)
+        return {f"{prefix}.weight": fresh.weight.detach(), f"{prefix}.bias": fresh.bias.detach()}

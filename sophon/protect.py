@@ -1,0 +1,144 @@
+"""The Sophon loop (paper Eq. 2–6, Algorithm 1): fine-tuning suppression on the restricted domain
+(first-order, outer Adam at α·lr) alternated with normal training reinforcement on the original domain
+(Adam at β·lr), with gradient clipping and a rollback when original-domain quality collapses."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from sophon.data import ImageSet
+from sophon.objectives import Objective
+from sophon.simulate import sample_task, simulate_finetune
+from sophon.train import endless_batches, progress
+
+log = logging.getLogger("sophon.protect")
+
+
+@dataclass
+class ProtectSettings:
+    loops: int = 400
+    lr: float = 1e-4  # base lr; outer suppression Adam uses alpha·lr, reinforcement Adam beta·lr
+    alpha: float = 10.0
+    beta: float = 5.0
+    tasks_per_loop: int = 1
+    inner_steps: int = 20
+    eval_every: int = 2
+    eval_batch_size: int = 128
+    natural_steps: int = 2
+    natural_batch_size: int = 128
+    clip_norm: float = 0.5
+    check_every: int = 25
+    rollback_tolerance: float = 10.0  # accuracy points (classification) or relative MSE rise (diffusion)
+    task_space: dict = field(default_factory=lambda: {
+        "starts": ["direct", "initFC"], "optimizers": ["adam", "momentum"],
+        "lrs": [3e-4, 1e-3, 3e-3], "batch_sizes": [64, 128], "lr_scale": {"momentum": 10.0}})
+
+
+@dataclass
+class ProtectHistory:
+    loop: list[int] = field(default_factory=list)
+    suppression_loss: list[float] = field(default_factory=list)
+    normal_loss: list[float] = field(default_factory=list)
+    checks: list[dict] = field(default_factory=list)  # {"loop", "quality", "rolled_back"}
+    rollbacks: int = 0
+    nonfinite: int = 0  # loops whose suppression loss was NaN/inf (their update is skipped)
+
+
+def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, original_train: ImageSet,
+            original_val: ImageSet, settings: ProtectSettings, *, seed: int, device: torch.device,
+            on_check: Callable[[dict], None] | None = None) -> ProtectHistory:
+    """Protect `model` in place against fine-tuning on `defender`'s domain and return the loss history."""
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    suppress_opt = torch.optim.Adam(model.parameters(), lr=settings.alpha * settings.lr)
+    normal_opt = torch.optim.Adam(model.parameters(), lr=settings.beta * settings.lr)
+    normal_batches = endless_batches(original_train, settings.natural_batch_size, generator)
+    history = ProtectHistory()
+
+    reference = objective.quality(model, original_val, device)
+    last_good = _snapshot(model, suppress_opt, normal_opt)
+    history.checks.append({"loop": 0, "quality": reference, "rolled_back": False})
+    log.info("start: original-domain quality %.4g", reference)
+
+    bar = progress(range(1, settings.loops + 1), desc="protect", unit="loop")
+    for loop in bar:
+        # Fine-tuning suppression: each task splits the defender data afresh into fine-tune / eval halves.
+        model.train()
+        total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+        losses = []
+        for _ in range(settings.tasks_per_loop):
+            order = torch.randperm(len(defender), generator=generator)
+            half = len(order) // 2
+            result = simulate_finetune(
+                model, objective, sample_task(settings.task_space, rng), defender.subset(order[:half]),
+                defender.subset(order[half:]), steps=settings.inner_steps, eval_every=settings.eval_every,
+                eval_batch_size=settings.eval_batch_size, generator=generator)
+            for name, grad in result.grads.items():
+                total[name] += grad / settings.tasks_per_loop
+            losses.append(result.suppression_loss)
+        suppression = sum(losses) / len(losses)
+        if all(torch.isfinite(g).all() for g in total.values()) and torch.isfinite(torch.tensor(suppression)):
+            suppress_opt.zero_grad(set_to_none=True)
+            for name, p in model.named_parameters():
+                p.grad = total[name]
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
+            suppress_opt.step()
+        else:
+            history.nonfinite += 1
+
+        # Normal training reinforcement on the original domain.
+        normal = 0.0
+        for _ in range(settings.natural_steps):
+            images, labels = next(normal_batches)
+            loss = objective.finetune_loss(model, images, labels, generator)
+            normal_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            normal_opt.step()
+            normal += loss.item() / settings.natural_steps
+
+        history.loop.append(loop)
+        history.suppression_loss.append(suppression)
+        history.normal_loss.append(normal)
+        bar.set_postfix(suppress=f"{suppression:.3g}", normal=f"{normal:.3g}")
+
+        if loop % settings.check_every == 0 or loop == settings.loops:
+            quality = objective.quality(model, original_val, device)
+            collapsed = _collapsed(objective, quality, reference, settings.rollback_tolerance)
+            if collapsed:
+                _restore(model, suppress_opt, normal_opt, last_good)
+                history.rollbacks += 1
+                log.warning("rollback at loop %d: original-domain quality %.4g is past the tolerance %.3g from "
+                            "the start (%.4g); restored the state of the last good check", loop, quality,
+                            settings.rollback_tolerance, reference)
+            else:
+                last_good = _snapshot(model, suppress_opt, normal_opt)
+            check = {"loop": loop, "quality": quality, "rolled_back": collapsed, "suppression_loss": suppression}
+            history.checks.append(check)
+            if on_check is not None:
+                on_check(check)
+    return history
+
+
+def _collapsed(objective: Objective, quality: float, reference: float, tolerance: float) -> bool:
+    if quality != quality:  # NaN
+        return True
+    if objective.higher_is_better:
+        return quality < reference - tolerance
+    return quality > reference * (1 + tolerance)
+
+
+def _snapshot(model, *optimizers):
+    return (copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers])
+
+
+def _restore(model, suppress_opt, normal_opt, snapshot):
+    state, optimizer_states = snapshot
+    model.load_state_dict(state)
+    for optimizer, saved in zip((suppress_opt, normal_opt), optimizer_states):
+        optimizer.load_state_dict(saved)

@@ -1,0 +1,1 @@
+"""The report: aggregate curves over seeds (aggregate), draw the figures (figures), write Markdown/HTML (render)."""

@@ -1,0 +1,94 @@
+"""The report's figures (matplotlib, Agg backend), each saved atomically as a PNG."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sophon.io import atomic_path  # noqa: E402
+from sophon.layout import STARTS  # noqa: E402
+
+DPI = 120
+LABELS = {"scratch": "train from scratch (B1)", "original": "original model (B2)", "ntl": "NTL model (B3)",
+          "sophon": "Sophon model"}
+COLORS = {"scratch": "tab:gray", "original": "tab:blue", "ntl": "tab:orange", "sophon": "tab:red"}
+
+
+def _save(fig, path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    plt.close(fig)
+
+
+def restricted_accuracy(summary: dict, path) -> None:
+    """Restricted-domain accuracy vs fine-tuning epoch, one panel per attack, mean ± std band per start (paper Fig. 3)."""
+    attacks = summary["attacks"]
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 3.6), sharey=True, squeeze=False)
+    for ax, (name, entry) in zip(axes[0], attacks.items()):
+        for start in STARTS:
+            stats = entry["restricted_accuracy"].get(start)
+            if stats is None:
+                continue
+            epochs = np.arange(len(stats))
+            mean = np.array([stats[str(e)]["mean"] for e in epochs])
+            std = np.array([stats[str(e)]["std"] for e in epochs])
+            ax.plot(epochs, mean, color=COLORS[start], label=LABELS[start], lw=1.6)
+            ax.fill_between(epochs, mean - std, mean + std, color=COLORS[start], alpha=0.18, lw=0)
+        ax.axhline(summary["chance_accuracy"], color="black", ls="--", lw=1, label="chance")
+        ax.set(title=f"{name} ({entry['strategy']}, lr {entry['lr']})", xlabel="fine-tuning epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("restricted-domain accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    _save(fig, path)
+
+
+def protect_history(history: dict, path) -> None:
+    """Sophon's suppression loss per loop (raw and rolling mean) above original-domain accuracy at the checks."""
+    loops = np.asarray(history.get("loop", []), dtype=float)
+    loss = np.asarray(history.get("suppression_loss", []), dtype=float)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.2), sharex=True)
+    finite = np.isfinite(loss)
+    if finite.any():
+        top.plot(loops[finite], loss[finite], color="tab:red", alpha=0.25, lw=0.8, label="per loop")
+        window = max(1, int(finite.sum()) // 20)
+        rolling = np.convolve(loss[finite], np.ones(window) / window, mode="valid")
+        top.plot(loops[finite][window - 1:], rolling, color="tab:red", lw=1.8, label=f"rolling mean ({window})")
+        top.legend(fontsize=8)
+    top.set(ylabel="suppression loss", title="Sophon protection (fine-tuning suppression)")
+    checks = history.get("checks", [])
+    bottom.plot([c["loop"] for c in checks], [c["quality"] for c in checks], "o-", color="tab:blue", ms=4,
+                label="original-domain accuracy at check")
+    rolled = [c for c in checks if c.get("rolled_back")]
+    if rolled:
+        bottom.plot([c["loop"] for c in rolled], [c["quality"] for c in rolled], "x", color="black", ms=9, mew=2,
+                    label=f"rollback ({len(rolled)})")
+    bottom.set(xlabel="loop", ylabel="original-domain accuracy (%)")
+    bottom.legend(fontsize=8)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def sweep(sweep_summary: dict, path) -> None:
+    """The learning-rate sweep: score vs lr (log axis, best marked) and the curves themselves."""
+    lrs = sorted(sweep_summary["lrs"], key=float)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    left.plot([float(lr) for lr in lrs], [sweep_summary["lrs"][lr] for lr in lrs], "o-", color="tab:blue")
+    best = sweep_summary["best_lr"]
+    if best is not None:
+        left.axvline(float(best), color="tab:green", ls="--", lw=1, label=f"best lr {best}")
+        left.legend(fontsize=8)
+    left.set(xscale="log", xlabel="learning rate", ylabel="score: mean acc. epochs 1..E (%)",
+             title="sweep (original model)")
+    for lr in lrs:
+        curve = sweep_summary["curves"][lr]
+        right.plot(range(len(curve)), curve, label=f"lr {lr}")
+    right.set(xlabel="fine-tuning epoch", ylabel="restricted-domain accuracy (%)", title="sweep curves")
+    right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    _save(fig, path)

@@ -1,0 +1,95 @@
+"""MLflow: one run per stage execution, grouped per pipeline invocation by a shared tag.
+
+The store defaults to a SQLite file in the project folder (`sqlite:///mlflow.db`, artifacts under
+`mlartifacts/`); MLFLOW_TRACKING_URI overrides it. Snakemake creates the store once before parallel
+jobs start (concurrent first-time creation of one SQLite store races).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from pathlib import Path
+
+INVOCATION_ENV = "SOPHON_INVOCATION"
+DEFAULT_DB = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+
+
+def tracking_uri(project_dir: str | Path = ".") -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(Path(project_dir).resolve() / DEFAULT_DB)}"
+
+
+def invocation_id() -> str:
+    """The group tag shared by the runs of one pipeline invocation (set by the Snakefile; one per process otherwise)."""
+    if INVOCATION_ENV not in os.environ:
+        os.environ[INVOCATION_ENV] = uuid.uuid4().hex[:12]
+    return os.environ[INVOCATION_ENV]
+
+
+def _quiet() -> None:
+    for name in ("alembic", "mlflow", "mlflow.store", "mlflow.tracking"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def init_store(experiment: str, project_dir: str | Path = ".") -> str:
+    """Create the store and the experiment if missing; return the experiment id."""
+    import mlflow
+
+    _quiet()
+    mlflow.set_tracking_uri(tracking_uri(project_dir))
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    artifacts = (Path(project_dir).resolve() / ARTIFACT_DIR).as_uri()
+    try:
+        return mlflow.create_experiment(experiment, artifact_location=artifacts)
+    except Exception:  # created by a concurrent process in the meantime
+        return mlflow.get_experiment_by_name(experiment).experiment_id
+
+
+class StageRun:
+    """Thin wrapper so stages log without importing mlflow themselves."""
+
+    def __init__(self, mlflow_module, run):
+        self._mlflow = mlflow_module
+        self.run = run
+
+    def log_metric(self, key: str, value: float, step: int | None = None) -> None:
+        self._mlflow.log_metric(key, float(value), step=step)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self._mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def set_tag(self, key: str, value) -> None:
+        self._mlflow.set_tag(key, str(value))
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, experiment: str, *, params: dict, tags: dict | None = None, name: str | None = None):
+    """Open one MLflow run for a stage execution; the run is marked FAILED if the stage raises."""
+    import mlflow
+
+    experiment_id = init_store(experiment)
+    all_tags = {"sophon.stage": stage, "sophon.invocation": invocation_id(), **(tags or {})}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name or stage, tags=all_tags) as run:
+        mlflow.log_params(_flatten(params))
+        yield StageRun(mlflow, run)
+
+
+def _flatten(params: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:500]
+    return flat

@@ -1,0 +1,85 @@
+"""Supervised training and evaluation on in-memory uint8 image tensors (shared by every stage)."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sophon.data import ImageSet
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else the CPU; nothing else in the core assumes CUDA."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm, quiet under CI or when SOPHON_PROGRESS=0."""
+    disable = os.environ.get("SOPHON_PROGRESS", "1") == "0" or os.environ.get("CI") == "true"
+    return tqdm(iterable, disable=disable, dynamic_ncols=True, mininterval=1.0, **kwargs)
+
+
+def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 → float in [0, 1] on the device (models normalise internally)."""
+    return images.to(device, non_blocking=True).float().div_(255)
+
+
+def batches(data: ImageSet, batch_size: int, generator: torch.Generator, *, drop_last: bool = False) -> Iterator:
+    """One shuffled epoch of (uint8 images, labels) batches."""
+    order = torch.randperm(len(data), generator=generator)
+    stop = len(order) - (len(order) % batch_size if drop_last and len(order) > batch_size else 0)
+    for start in range(0, stop, batch_size):
+        index = order[start:start + batch_size]
+        yield data.images[index], data.labels[index]
+
+
+def endless_batches(data: ImageSet, batch_size: int, generator: torch.Generator) -> Iterator:
+    while True:
+        yield from batches(data, min(batch_size, len(data)), generator, drop_last=True)
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: torch.nn.Module, data: ImageSet, device: torch.device, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in percent, in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        x = to_input(data.images[start:start + batch_size], device)
+        y = data.labels[start:start + batch_size].to(device)
+        correct += (model(x).argmax(-1) == y).sum().item()
+    model.train(was_training)
+    return 100.0 * correct / max(1, len(data))
+
+
+def train_epochs(model, data: ImageSet, optimizer, *, epochs: int, batch_size: int, generator: torch.Generator,
+                 device: torch.device, scheduler=None, on_epoch: Callable[[int], None] | None = None,
+                 desc: str = "train") -> None:
+    """Plain cross-entropy training; `on_epoch(k)` runs after every epoch k = 1..epochs."""
+    model.train()
+    bar = progress(total=epochs * -(-len(data) // batch_size), desc=desc, unit="step")
+    for epoch in range(1, epochs + 1):
+        for images, labels in batches(data, batch_size, generator):
+            loss = F.cross_entropy(model(to_input(images, device)), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            bar.update(1)
+        bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+        if on_epoch is not None:
+            on_epoch(epoch)
+            model.train()
+    bar.close()

@@ -1,0 +1,139 @@
+"""The report stage on a synthetic attack grid: summary shape and numbers, verdicts, and every output file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from sophon import layout
+from sophon.config import load_params
+from sophon.io import write_json
+from sophon.report.aggregate import ReportInputError, build_summary
+from stages import report as report_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS, EPOCHS, LRS = [0, 1], 3, [0.01, 0.1]
+ATTACKS = {"direct_all": "direct+all", "initfc_fc": "initFC+FC"}
+# Per attack and start, a base curve (epochs 0..3); seed s adds s * SPREAD. Under initfc_fc, Sophon beats scratch at epoch 1.
+BASE = {
+    "direct_all": {"scratch": [10, 40, 50, 55], "original": [9, 60, 70, 75], "ntl": [10, 30, 60, 70], "sophon": [10, 10, 11, 12]},
+    "initfc_fc": {"scratch": [10, 20, 30, 35], "original": [12, 30, 40, 45], "ntl": [10, 25, 35, 40], "sophon": [10, 22, 12, 13]},
+}
+SPREAD = 2.0
+CARDS = {"original": 98.0, "ntl": 90.0, "sophon": 95.5}
+
+
+def _curve_doc(attack, start, seed, curve, lr=0.1):
+    settings = {"strategy": ATTACKS.get(attack, "direct+all"), "optimizer": "momentum", "lr": lr, "batch_size": 200,
+                "weight_decay": 0.0005, "epochs": EPOCHS, "method": "finetune"}
+    return {"attack": attack, "start": start, "seed": seed, "settings": settings, "restricted_accuracy": curve,
+            "seconds": 1.0}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project folder holding params.yaml and every input of the report stage."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["seeds"] = SEEDS
+    params["sweep"].update(lrs=LRS, epochs=EPOCHS)
+    params["attacks"] = {name: {"strategy": s, "optimizer": "momentum", "lr": "auto", "epochs": EPOCHS}
+                         for name, s in ATTACKS.items()}
+    params["report"] = {"epochs": [0, 1, 3, 5], "intactness_tolerance": 5.0}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    for attack, starts in BASE.items():
+        for start, base in starts.items():
+            for seed in SEEDS:
+                curve = [b + seed * SPREAD for b in base]
+                write_json(layout.attack_curve(attack, start, seed), _curve_doc(attack, start, seed, curve))
+    for lr, top in zip(LRS, (50.0, 70.0)):
+        write_json(layout.sweep_curve(lr), _curve_doc("sweep", "original", 0, [10, top / 2, top, top], lr))
+    for model, acc in CARDS.items():
+        write_json(layout.model_dir(model) / layout.CARD, {"original_test_accuracy": acc})
+    write_json(layout.history("sophon"), {
+        "settings": {"loops": 6, "lr": 1e-4, "alpha": 10.0}, "loop": list(range(1, 7)),
+        "suppression_loss": [3.0, 2.5, float("nan"), 2.0, 1.8, 1.7], "normal_loss": [0.5] * 6,
+        "checks": [{"loop": 0, "quality": 98.0, "rolled_back": False}, {"loop": 3, "quality": 80.0, "rolled_back": True},
+                   {"loop": 6, "quality": 95.5, "rolled_back": False}],
+        "rollbacks": 1, "nonfinite": 1, "original_accuracy": 95.5, "restricted_accuracy": 10.0})
+    write_json(layout.history("ntl"), {"settings": {"steps": 4}, "loss": [1, 0.5, 0.2, 0.1], "kl_source": [0] * 4,
+                                       "kl_target": [0] * 4, "mmd": [0] * 4, "original_accuracy": 90.0,
+                                       "restricted_accuracy": 10.0})
+    return tmp_path
+
+
+def _run_stage(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["stages.report", "--params", "params.yaml"])
+    report_stage.main()
+    return capsys.readouterr().out
+
+
+def test_summary_numbers_and_verdicts(project):
+    config = load_params("params.yaml")
+    summary = build_summary(config, **report_stage.load_inputs(config))
+    assert summary["chance_accuracy"] == 10.0 and summary["seeds"] == SEEDS
+    assert summary["original_domain_accuracy"]["sophon"] == {"mean": 95.5, "std": 0.0}
+    entry = summary["attacks"]["direct_all"]
+    assert entry["lr"] == 0.1 and entry["epochs"] == EPOCHS and entry["strategy"] == "direct+all"
+    for stats in entry["restricted_accuracy"].values():
+        assert list(stats) == [str(e) for e in range(EPOCHS + 1)]
+    # Seeds give 40 and 42 at scratch epoch 1: mean 41, population std 1.
+    cell = entry["restricted_accuracy"]["scratch"]["1"]
+    assert cell["mean"] == pytest.approx(np.mean([40, 42])) == pytest.approx(41.0)
+    assert cell["std"] == pytest.approx(np.std([40, 42])) == pytest.approx(1.0)
+
+    v = summary["verdicts"]
+    assert v["intactness"]["drop"] == pytest.approx(2.5) and v["intactness"]["holds"]
+    good, bad = v["attacks"]["direct_all"], v["attacks"]["initfc_fc"]
+    assert good["sophon_at_or_below_scratch_every_epoch"] and good["epochs_above_scratch"] == []
+    assert not bad["sophon_at_or_below_scratch_every_epoch"] and bad["epochs_above_scratch"] == [1]
+    assert bad["max_excess_over_scratch"] == pytest.approx(2.0)
+    assert bad["within_noise_every_epoch"]  # +2 points, scratch std 1 + Sophon std 1
+    assert good["pretraining_advantage"] == pytest.approx(20.0) and good["pretraining_advantage_epoch"] == 1
+    assert good["sophon_final"] == pytest.approx(13.0) and good["scratch_final"] == pytest.approx(56.0)
+    assert v["ntl"]["before_finetune"] == pytest.approx(11.0) and v["ntl"]["recovered"]
+    assert v["protection_holds"] is False
+    assert summary["sweep"]["best_lr"] == 0.1 and set(summary["sweep"]["lrs"]) == {"0.01", "0.1"}
+
+
+def test_missing_start_is_tolerated(project):
+    config = load_params("params.yaml")
+    shutil.rmtree(layout.attack_curve("initfc_fc", "ntl", 0).parent)
+    shutil.rmtree(layout.attack_curve("initfc_fc", "scratch", 0).parent)
+    summary = build_summary(config, **report_stage.load_inputs(config))
+    assert "ntl" not in summary["attacks"]["initfc_fc"]["restricted_accuracy"]
+    assert summary["verdicts"]["attacks_without_verdict"] == ["initfc_fc"]
+    assert summary["verdicts"]["protection_holds"] is False
+
+
+def test_missing_file_names_it(project):
+    layout.attack_curve("direct_all", "sophon", 1).unlink()
+    with pytest.raises(ReportInputError, match="seed_1.json"):
+        report_stage.load_inputs(load_params("params.yaml"))
+
+
+def test_stage_writes_every_output(project, monkeypatch, capsys):
+    out = _run_stage(monkeypatch, capsys)
+    folder = layout.report_dir("quick-classification")
+    for name in ("summary.json", "report.md", "report.html", "restricted_accuracy.png", "protect_history.png",
+                 "sweep.png", "curves/direct_all.csv", "curves/initfc_fc.csv"):
+        assert (folder / name).stat().st_size > 0, name
+    assert not list(folder.rglob("*.tmp"))
+    html_text = (folder / "report.html").read_text()
+    assert "data:image/png;base64," in html_text
+    assert all(src.startswith("data:") for src in html_text.split('src="')[1:])
+    assert "http://" not in html_text and "https://" not in html_text
+    md = (folder / "report.md").read_text()
+    assert "](restricted_accuracy.png)" in md and "41.0 ± 1.0" in md
+    assert "Protection does NOT hold under initfc_fc: Sophon above scratch at epochs 1 (max +2.0 points" in md
+    csv_lines = (folder / "curves/direct_all.csv").read_text().splitlines()
+    assert csv_lines[0] == "epoch,scratch,original,ntl,sophon" and csv_lines[2].startswith("1,41.0000,")
+    assert json.loads((folder / "summary.json").read_text())["verdicts"]["protection_holds"] is False
+    assert "Epoch 3" in out and "Epoch 5" not in out and "Overall: protection does NOT hold" in out
