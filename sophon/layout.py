@@ -41,3 +41,44 @@ def attack_curve(attack: str, start: str, seed) -> Path:
 
 def report_dir(experiment: str) -> Path:
     return Path("reports") / experiment
+
+
+# --- the generation (diffusion) experiment: its own folders under a `generation` prefix ----------------------
+
+GEN_SPLIT_PARTS = ("original_train", "original_val", "original_test", "defender", "adversary", "restricted_test")
+GEN_MODELS = ("original", "sophon")
+GEN_STARTS = ("scratch", "original", "sophon")
+GEN_SUPPRESSIONS = ("dos", "neg_mse")
+
+
+def gen_split_part(part: str) -> Path:
+    return Path("data/generation") / f"{part}.safetensors"
+
+
+def gen_split_manifest() -> Path:
+    return Path("data/generation/manifest.json")
+
+
+def gen_model_dir(name: str) -> Path:
+    return Path("models/generation") / name
+
+
+def gen_model_files(name: str) -> list[Path]:
+    return [gen_model_dir(name) / WEIGHTS, gen_model_dir(name) / CARD]
+
+
+def gen_history(name: str) -> Path:
+    return Path("results/generation/training") / f"{name}.json"
+
+
+def gen_attack_curve(attack: str, start: str, seed) -> Path:
+    return Path("results/generation/attacks") / attack / start / f"seed_{seed}.json"
+
+
+def gen_attack_denoised(attack: str, start: str, seed) -> Path:
+    """The fine-tuned model's denoising of the figure's restricted test images (for the report's figure)."""
+    return Path("results/generation/attacks") / attack / start / f"seed_{seed}.denoised.safetensors"
+
+
+def gen_stability(loss: str, seed) -> Path:
+    return Path("results/generation/stability") / loss / f"seed_{seed}.json"

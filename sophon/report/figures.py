@@ -7,6 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from sophon.io import atomic_path  # noqa: E402
 from sophon.layout import STARTS  # noqa: E402
@@ -41,6 +42,7 @@ def restricted_accuracy(summary: dict, path) -> None:
         ax.axhline(summary["chance_accuracy"], color="black", ls="--", lw=1, label="chance")
         ax.set(title=f"{name} ({entry['strategy']}, lr {entry['lr']})", xlabel="fine-tuning epoch")
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_ylabel("restricted-domain accuracy (%)")
     axes[0][-1].legend(fontsize=7, loc="best")
     _save(fig, path)
@@ -55,10 +57,12 @@ def protect_history(history: dict, path) -> None:
     if finite.any():
         top.plot(loops[finite], loss[finite], color="tab:red", alpha=0.25, lw=0.8, label="per loop")
         window = max(1, int(finite.sum()) // 20)
-        rolling = np.convolve(loss[finite], np.ones(window) / window, mode="valid")
-        top.plot(loops[finite][window - 1:], rolling, color="tab:red", lw=1.8, label=f"rolling mean ({window})")
+        if window > 1:
+            rolling = np.convolve(loss[finite], np.ones(window) / window, mode="valid")
+            top.plot(loops[finite][window - 1:], rolling, color="tab:red", lw=1.8, label=f"rolling mean of {window}")
         top.legend(fontsize=8)
-    top.set(ylabel="suppression loss", title="Sophon protection (fine-tuning suppression)")
+    skipped = f", {int((~finite).sum())} non-finite loops not drawn" if (~finite).any() else ""
+    top.set(ylabel="suppression loss", title=f"Sophon protection: fine-tuning suppression{skipped}")
     checks = history.get("checks", [])
     bottom.plot([c["loop"] for c in checks], [c["quality"] for c in checks], "o-", color="tab:blue", ms=4,
                 label="original-domain accuracy at check")
@@ -89,6 +93,7 @@ def sweep(sweep_summary: dict, path) -> None:
         right.plot(range(len(curve)), curve, label=f"lr {lr}")
     right.set(xlabel="fine-tuning epoch", ylabel="restricted-domain accuracy (%)", title="sweep curves")
     right.legend(fontsize=7)
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (left, right):
         ax.grid(alpha=0.3)
     _save(fig, path)

@@ -137,8 +137,8 @@ def build_document(summary: dict, epochs, images: dict[str, Path]) -> Document:
     if "sophon" in training:
         t = training["sophon"]
         sections.append(Section("Sophon protection run", [
-            f"{t['loops']} loops, {t['rollbacks']} rollbacks, {t['nonfinite']} loops with a non-finite suppression "
-            f"loss (update skipped), {t['checks']} quality checks. Final original-domain accuracy "
+            f"Loops: {t['loops']}; rollbacks: {t['rollbacks']}; loops with a non-finite suppression loss (update "
+            f"skipped): {t['nonfinite']}; quality checks: {t['checks']}. Final original-domain accuracy "
             f"{t['original_accuracy']:.2f}%, restricted-domain accuracy before fine-tuning {t['restricted_accuracy']:.2f}%.",
             _key_values(t["settings"]), Image(images["protect_history"], "Sophon protection history")]))
     if "ntl" in training:

@@ -1,0 +1,32 @@
+# make run   — set up the environment if missing, then run the quick profile end to end (Snakemake)
+# make test  — set up the environment if missing, then run the test suite
+VENV ?= .venv
+CORES ?= 2
+PYTHON ?= python3
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: run test env lint benchmark clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+run: env
+	snakemake --cores $(CORES)
+	@echo "Reports: reports/*/report.html  (browse runs: mlflow ui --backend-store-uri sqlite:///mlflow.db)"
+
+test: env
+	python -m pytest
+
+lint: env
+	snakemake --lint
+
+benchmark: env
+	python benchmarks/run.py
+
+clean:
+	rm -rf data models results reports logs .snakemake mlflow.db mlartifacts

@@ -1,0 +1,324 @@
+"""Diffusion in the core (paper §2.1, §4.3.2, §5.2.2): a diffusers `UNet2DModel` noise predictor, the DDPM
+forward process (`DDPMScheduler`: T = 1000, linear betas 1e-4 → 0.02), and the objective that lets the one
+fine-tuning simulation and protect loop (sophon.simulate, sophon.protect) run Sophon with the DoS loss.
+
+Images are uint8 N×C×H×W in the data layer and x ∈ [-1, 1] here. Training samples one timestep per example,
+uniformly from {0, …, T−1} (the reference code trains at t = 1 only; we do not). Evaluation uses noise and
+timesteps drawn from a fixed seed, so the MSE of two models (or two runs) is measured on the same noised inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sophon.data import ImageSet
+from sophon.errors import CheckpointError, ConfigError
+from sophon.losses import get_loss
+from sophon.train import batches, progress
+
+# The quick profile's UNet: about 0.64 M parameters, no attention; fast at 16×16 on two CPU threads.
+QUICK_UNET = {"block_out_channels": [16, 32, 64], "layers_per_block": 1, "attention": False, "norm_num_groups": 8}
+SUPPRESSION_LOSSES = ("dos", "neg_mse")
+
+
+# --- model and noise schedule ------------------------------------------------------------------------------
+
+def build_unet(config: dict, image_size: int, channels: int):
+    """A randomly initialised `UNet2DModel` from a small config: block_out_channels, layers_per_block,
+    attention (attention blocks in the two deepest levels), norm_num_groups."""
+    from diffusers import UNet2DModel
+
+    widths = [int(w) for w in config.get("block_out_channels", QUICK_UNET["block_out_channels"])]
+    groups = int(config.get("norm_num_groups", QUICK_UNET["norm_num_groups"]))
+    if any(w % groups for w in widths):
+        raise ConfigError(f"generation.unet.block_out_channels {widths} must all be divisible by "
+                          f"generation.unet.norm_num_groups = {groups}")
+    levels = len(widths)
+    if image_size % (2 ** (levels - 1)):
+        raise ConfigError(f"generation.data.image_size = {image_size} must be divisible by 2^{levels - 1} "
+                          f"(the UNet has {levels} levels)")
+    attention = bool(config.get("attention", False))
+    down = ["AttnDownBlock2D" if attention and i >= levels - 2 else "DownBlock2D" for i in range(levels)]
+    up = ["AttnUpBlock2D" if attention and i < 2 else "UpBlock2D" for i in range(levels)]
+    return UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels,
+                       layers_per_block=int(config.get("layers_per_block", 1)), block_out_channels=tuple(widths),
+                       down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=groups)
+
+
+def make_scheduler(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+    """DDPM forward process with linear betas (Ho et al. 2020; the paper's setting)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear",
+                         beta_start=beta_start, beta_end=beta_end)
+
+
+def to_signed(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 [0, 255] → float [-1, 1]."""
+    return images.to(device).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+
+
+def predict_noise(forward: Callable, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """ε_θ(x_t, t) from a UNet2DModel or from `functional_call` over one (both return an object with `.sample`)."""
+    out = forward(x_t, t)
+    return out.sample if hasattr(out, "sample") else out
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, *, flip: bool = True, shift: int = 2) -> torch.Tensor:
+    """Random horizontal flips and integer shifts of up to `shift` pixels (reflect padding) on uint8 images."""
+    if flip:
+        mask = torch.rand(len(images), generator=generator) < 0.5
+        images = torch.where(mask.view(-1, 1, 1, 1), images.flip(-1), images)
+    if shift > 0:
+        n, _, h, w = images.shape
+        padded = F.pad(images.float(), (shift, shift, shift, shift), mode="reflect")
+        dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
+        images = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)]).to(torch.uint8)
+    return images
+
+
+def noised(scheduler, x0: torch.Tensor, generator: torch.Generator, timesteps: torch.Tensor | None = None):
+    """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε with ε ~ N(0, I) and t ~ U{0, …, T−1} per example (unless given)."""
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+    timesteps = timesteps.to(x0.device)
+    return scheduler.add_noise(x0, noise, timesteps), noise, timesteps
+
+
+def denoise_one_step(forward: Callable, scheduler, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x̂0 = (x_t − √(1−ᾱ_t) ε_θ(x_t, t)) / √ᾱ_t, the model's one-step estimate of the clean image (figures)."""
+    alpha_bar = scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, 1, 1, 1)
+    eps = predict_noise(forward, x_t, t)
+    return ((x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)
+
+
+def figure_batch(data: ImageSet, count: int, timestep: int, seed: int = 0):
+    """The denoising figures' inputs: the first `count` images, noised at one fixed timestep with noise from
+    `seed` — identical in every stage that draws or denoises them. Returns (x0, x_t, t) in [-1, 1]."""
+    x0 = to_signed(data.images[:count])
+    generator = torch.Generator().manual_seed(seed)
+    t = timesteps_like(len(x0), timestep)
+    x_t, _, _ = noised(make_scheduler(), x0, generator, t)
+    return x0, x_t, t
+
+
+@torch.no_grad()
+def denoise_figure_batch(model, scheduler, data: ImageSet, count: int, timestep: int, seed: int = 0,
+                         device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 one-step denoisings of `figure_batch` by `model`."""
+    was_training = model.training
+    model.eval()
+    _, x_t, t = figure_batch(data, count, timestep, seed)
+    out = denoise_one_step(model, scheduler, x_t.to(device), t.to(device)).cpu()
+    model.train(was_training)
+    return to_uint8(out)
+
+
+# --- evaluation --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_mse(model, data: ImageSet, scheduler, device: torch.device, *, seed: int = 0, repeats: int = 8,
+                 batch_size: int = 512) -> float:
+    """Noise-prediction MSE on `data` with fixed noise and timesteps: every image is noised `repeats` times with
+    (ε, t) drawn from a generator seeded by `seed` alone, so every model sees the same noised inputs."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    x0 = to_signed(data.images).repeat(repeats, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+    total, count = 0.0, 0
+    for start in range(0, len(x0), batch_size):
+        sl = slice(start, start + batch_size)
+        x_t = scheduler.add_noise(x0[sl], noise[sl], timesteps[sl]).to(device)
+        eps = predict_noise(model, x_t, timesteps[sl].to(device))
+        total += F.mse_loss(eps, noise[sl].to(device), reduction="sum").item()
+        count += eps.numel()
+    model.train(was_training)
+    return total / max(1, count)
+
+
+# --- the objective (sophon.objectives.Objective) -----------------------------------------------------------
+
+class DiffusionObjective:
+    """Noise-prediction MSE for fine-tuning and reinforcement (t uniform per example); DoS ‖ε_θ(x_t, t)‖²
+    (or the unstable −MSE) for suppression; quality = fixed-noise MSE (lower is better)."""
+
+    higher_is_better = False
+
+    def __init__(self, suppression: str = "dos", device: torch.device | None = None, *, scheduler=None,
+                 augment_flip: bool = True, augment_shift: int = 2, eval_seed: int = 0, eval_repeats: int = 8):
+        if suppression not in SUPPRESSION_LOSSES:
+            raise ConfigError(f"diffusion suppression loss {suppression!r} is not one of {', '.join(SUPPRESSION_LOSSES)}")
+        self.suppression = suppression
+        self.suppress = get_loss(suppression)
+        self.device = device or torch.device("cpu")
+        self.scheduler = scheduler or make_scheduler()
+        self.augment_flip, self.augment_shift = augment_flip, augment_shift
+        self.eval_seed, self.eval_repeats = eval_seed, eval_repeats
+
+    def _batch(self, forward, images, generator):
+        images = augment(images, generator, flip=self.augment_flip, shift=self.augment_shift)
+        x_t, noise, t = noised(self.scheduler, to_signed(images, self.device), generator)
+        return predict_noise(forward, x_t, t), noise
+
+    def finetune_loss(self, forward, images, labels, generator):
+        return F.mse_loss(*self._batch(forward, images, generator))
+
+    def suppression_loss(self, forward, images, labels, generator):
+        predicted, noise = self._batch(forward, images, generator)
+        return self.suppress(predicted, noise)
+
+    def quality(self, model, data, device):
+        return evaluate_mse(model, data, self.scheduler, device, seed=self.eval_seed, repeats=self.eval_repeats)
+
+    def fresh_head(self, model) -> dict[str, torch.Tensor]:
+        """A UNet has no classification head: the only fine-tuning start is `direct`."""
+        return {}
+
+
+def fit(model, objective, data: ImageSet, optimizer, *, epochs: int, batch_size: int, generator: torch.Generator,
+        scheduler=None, on_epoch: Callable[[int], None] | None = None, desc: str = "train") -> list[float]:
+    """Epochs of `objective.finetune_loss` on `data` (any objective); returns the mean training loss per epoch."""
+    model.train()
+    steps = -(-len(data) // batch_size)
+    bar = progress(total=epochs * steps, desc=desc, unit="step")
+    means = []
+    for epoch in range(1, epochs + 1):
+        total, count = 0.0, 0
+        for images, labels in batches(data, batch_size, generator):
+            loss = objective.finetune_loss(model, images, labels, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total, count = total + loss.item(), count + 1
+            bar.update(1)
+        means.append(total / max(1, count))
+        bar.set_postfix(epoch=epoch, loss=f"{means[-1]:.4f}")
+        if on_epoch is not None:
+            on_epoch(epoch)
+            model.train()
+    bar.close()
+    return means
+
+
+# --- stability (paper §5.8, Fig. 14) -----------------------------------------------------------------------
+
+def classify_run(losses, *, threshold: float) -> str:
+    """"nan" if any suppression loss is non-finite, "diverged" if its magnitude ever exceeds `threshold`,
+    else "stable"."""
+    values = torch.as_tensor([float(v) for v in losses], dtype=torch.float64)
+    if len(values) and not torch.isfinite(values).all():
+        return "nan"
+    if len(values) and values.abs().max().item() > threshold:
+        return "diverged"
+    return "stable"
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class UNetSpec:
+    image_size: int
+    channels: int
+    unet: dict
+
+    def card(self) -> dict:
+        return {"kind": "unet", "architecture": "diffusers.UNet2DModel", "unet": self.unet,
+                "image_size": self.image_size, "in_chans": self.channels,
+                "input_size": [self.channels, self.image_size, self.image_size],
+                "normalization": "x = image / 127.5 - 1 (range [-1, 1])",
+                "noise_schedule": {"num_train_timesteps": 1000, "beta_schedule": "linear",
+                                   "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": "epsilon"}}
+
+
+def save_unet(model, folder: str | Path, spec: UNetSpec, extra: dict | None = None) -> None:
+    from sophon.models import save_checkpoint
+
+    save_checkpoint(model, folder, {**spec.card(), **(extra or {})})
+
+
+def load_unet(folder: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild the UNet2DModel from its card and load the safetensors weights (via sophon.models.load_state)."""
+    from sophon.models import CARD, load_state
+
+    state, card = load_state(folder)
+    if card.get("kind") != "unet":
+        raise CheckpointError(f"{folder} holds a {card.get('kind', 'classifier')} checkpoint, not a unet")
+    try:
+        model = build_unet(card["unet"], card["image_size"], card["in_chans"])
+    except KeyError as exc:
+        raise CheckpointError(f"checkpoint card {Path(folder) / CARD} lacks the key {exc}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"checkpoint {folder} does not fit its card's UNet config: {first}") from None
+    return model.to(map_location), card
+
+
+def timesteps_like(n: int, t: int) -> torch.Tensor:
+    return torch.full((n,), int(t), dtype=torch.int64)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB between two batches in [-1, 1] (figure captions)."""
+    mse = F.mse_loss(a, b).item()
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+# --- the adversary (registered with sophon.attacks) ---------------------------------------------------------
+
+def _register_attack() -> None:
+    from sophon.attacks import ATTACKS, register_attack
+
+    if "finetune_diffusion" in ATTACKS:
+        return
+
+    @register_attack("finetune_diffusion")
+    def finetune_diffusion(model, adversary: ImageSet, test: ImageSet, settings, *, seed: int, device: torch.device,
+                           from_scratch: bool = False, on_epoch: Callable[[int, float], None] | None = None,
+                           objective: DiffusionObjective | None = None) -> list[float]:
+        """Direct fine-tuning of every UNet parameter on the adversary's images (noise-prediction MSE, t uniform);
+        returns the fixed-noise restricted test MSE after every epoch, epoch 0 included. From scratch = the same
+        loop on a randomly initialised UNet."""
+        if settings.strategy != "direct+all":
+            raise ConfigError(f"a UNet has no head to re-initialise: the diffusion attack strategy must be "
+                              f"direct+all, got {settings.strategy}")
+        from sophon.optim import make_optimizer
+
+        objective = objective or DiffusionObjective(device=device)
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        optimizer = make_optimizer(settings.optimizer, model.parameters(), settings.lr, settings.weight_decay)
+        curve = [objective.quality(model, test, device)]
+        if on_epoch:
+            on_epoch(0, curve[0])
+
+        def after_epoch(epoch: int) -> None:
+            curve.append(objective.quality(model, test, device))
+            if on_epoch:
+                on_epoch(epoch, curve[-1])
+
+        fit(model, objective, adversary, optimizer, epochs=settings.epochs, batch_size=settings.batch_size,
+            generator=generator, on_epoch=after_epoch, desc="attack")
+        return curve
+
+
+_register_attack()

@@ -1,0 +1,84 @@
+"""Loss values and gradients against the closed forms of the paper (Eq. 10, 12, 14, 16; Appendix A)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sophon.errors import UnknownNameError
+from sophon.losses import get_loss
+
+
+def logits_and_labels(n=6, c=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, generator=g, dtype=torch.float64) * 3, torch.randint(0, c, (n,), generator=g)
+
+
+def grad_of(name, z, y):
+    z = z.clone().requires_grad_(True)
+    get_loss(name)(z, y).backward()
+    return z.grad
+
+
+def test_ce_gradient_is_p_minus_onehot():
+    z, y = logits_and_labels()
+    p = z.softmax(-1)
+    expected = (p - F.one_hot(y, 10)) / len(y)
+    assert torch.allclose(grad_of("ce", z, y), expected, atol=1e-12)
+
+
+def test_ice_value_and_gradient_match_closed_form():
+    z, y = logits_and_labels()
+    p = z.softmax(-1)
+    p_y = p.gather(1, y[:, None])
+    assert torch.isclose(get_loss("ice")(z, y), (-torch.log(1 - p_y)).mean())
+    # Eq. 12: dICE/dz = p_y / (1 − p_y) · (onehot(y) − p)
+    expected = p_y / (1 - p_y) * (F.one_hot(y, 10) - p) / len(y)
+    assert torch.allclose(grad_of("ice", z, y), expected, atol=1e-10)
+
+
+def test_ice_gradient_vanishes_as_p_y_goes_to_zero_and_stays_finite():
+    y = torch.tensor([0])
+    norms = []
+    for margin in (0.0, 5.0, 20.0, 200.0):
+        z = torch.zeros(1, 10, dtype=torch.float64)
+        z[0, 0] = -margin  # p_y → 0 as the margin grows
+        g = grad_of("ice", z, y)
+        assert torch.isfinite(g).all() and torch.isfinite(get_loss("ice")(z, y))
+        norms.append(g.norm().item())
+    assert norms == sorted(norms, reverse=True) and norms[-1] < 1e-50
+
+
+def test_klu_value_and_gradient_match_closed_form():
+    z, y = logits_and_labels()
+    p = z.softmax(-1)
+    u = torch.full_like(p, 0.1)
+    kl = (u * (u.log() - p.log())).sum(-1).mean()
+    assert torch.isclose(get_loss("klu")(z, y), kl)
+    # Eq. 14: dKLU/dz = p − u, zero when p is uniform
+    assert torch.allclose(grad_of("klu", z, y), (p - u) / len(y), atol=1e-12)
+    assert torch.allclose(grad_of("klu", torch.ones(3, 10, dtype=torch.float64), y[:3]), torch.zeros(3, 10, dtype=torch.float64))
+
+
+def test_dos_gradient_is_twice_the_prediction():
+    eps = torch.randn(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    get_loss("dos")(eps, torch.randn_like(eps)).backward()
+    assert torch.allclose(eps.grad, 2 * eps.detach() / eps.numel())
+
+
+def test_negated_losses_are_negations():
+    z, y = logits_and_labels()
+    assert torch.isclose(get_loss("neg_ce")(z, y), -get_loss("ce")(z, y))
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    assert torch.isclose(get_loss("neg_mse")(a, b), -get_loss("mse")(a, b))
+
+
+def test_klu_is_zero_at_uniform():
+    assert get_loss("klu")(torch.zeros(4, 10), None).abs() < 1e-6
+    assert math.isclose(get_loss("klu")(torch.tensor([[100.0, 0.0]]), None).item(), -math.log(2) + 50.0, rel_tol=1e-4)
+
+
+def test_unknown_loss_names_the_known_ones():
+    with pytest.raises(UnknownNameError, match="unknown loss 'foo'.*ice"):
+        get_loss("foo")
