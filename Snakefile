@@ -24,15 +24,23 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/attack.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/generation.smk"
 
 
 rule all:
     default_target: True
     input:
         report_outputs(),
+        gen_report_outputs(),
+
+
+rule gen_all:
+    input:
+        gen_report_outputs(),
 
 
 onstart:
     from sophon.tracking import init_store
 
     init_store(config["experiment"])  # once, before parallel jobs race to create the SQLite store
+    init_store(config["generation"]["experiment"])
