@@ -1,0 +1,116 @@
+"""The whole DAG, shrunk: Snakemake end to end in a temporary project, the MLflow runs it logged, then DVC on
+the same outputs (a parameter change reruns only what depends on it), then bad input on the stage commands."""
+
+import json
+import sqlite3
+
+import pytest
+import yaml
+
+from tests.pipeline_helpers import bin_path, copy_project, run, snakemake_dry_run, tiny_params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = copy_project(tmp_path_factory.mktemp("pipeline"))
+    params = tiny_params(root / "params.yaml")
+    run(["git", "add", "-A"], root)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], root)
+    done = run([bin_path("snakemake"), "--cores", "2"], root)
+    return root, params, done
+
+
+def test_snakemake_runs_to_the_report(project):
+    root, params, _ = project
+    summary = json.loads((root / "reports" / params["experiment"] / "summary.json").read_text())
+    assert summary["experiment"] == params["experiment"] and summary["seeds"] == [0]
+    assert summary["chance_accuracy"] == pytest.approx(10.0)
+    assert set(summary["original_domain_accuracy"]) == {"original", "ntl", "sophon"}
+    for name, attack in summary["attacks"].items():
+        assert attack["lr"] in params["sweep"]["lrs"]  # lr: auto resolved from the sweep
+        for start in ("scratch", "original", "ntl", "sophon"):
+            assert list(attack["restricted_accuracy"][start]) == ["0", "1", "2"], (name, start)
+            assert 0 <= attack["restricted_accuracy"][start]["2"]["mean"] <= 100
+    report = root / "reports" / params["experiment"]
+    assert "<img" in (report / "report.html").read_text() and (report / "restricted_accuracy.png").stat().st_size > 0
+    card = json.loads((root / "models" / "sophon" / "model.json").read_text())
+    assert card["architecture"] == params["model"]["arch"] and card["weights_sha256"]
+    if "generation" in params:
+        gen = json.loads((root / "reports" / params["generation"]["experiment"] / "summary.json").read_text())
+        assert set(gen["original_domain_mse"]) >= {"original", "sophon"}
+
+
+def test_mlflow_holds_one_run_per_job_grouped_by_invocation(project):
+    root, params, done = project
+    jobs = done.stderr.count("Finished jobid")
+    with sqlite3.connect(root / "mlflow.db") as db:
+        runs = db.execute("select r.status, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
+                          "where t.key = 'sophon.invocation'").fetchall()
+        stages = {row[0] for row in db.execute("select value from tags where key = 'sophon.stage'")}
+        metrics = db.execute("select count(*) from metrics where key = 'restricted_accuracy'").fetchone()[0]
+    assert len(runs) == jobs - 1  # every job but `all`
+    assert {status for status, _ in runs} == {"FINISHED"} and len({tag for _, tag in runs}) == 1
+    assert {"split", "pretrain", "ntl", "protect", "sweep", "attack", "report"} <= stages
+    assert metrics >= 3 * 12  # per-epoch steps 0..2 for every attack job
+
+
+def test_nothing_left_to_do_then_dvc_reruns_only_the_edited_attack(project):
+    root, params, _ = project
+    assert not [j for j in snakemake_dry_run(root) if j["rule"] != "all"]
+    dvc = bin_path("dvc")
+    run([dvc, "commit", "-f", "-q"], root)  # adopt the outputs Snakemake made as DVC's current state
+    assert "up to date" in run([dvc, "status"], root).stdout
+
+    edited = yaml.safe_load((root / "params.yaml").read_text())
+    edited["attacks"]["initfc_fc"]["epochs"] = 3
+    (root / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+
+    changed = [line.rstrip(":") for line in run([dvc, "status"], root).stdout.splitlines()
+               if line and not line.startswith((" ", "\t"))]
+    assert sorted(changed) == sorted(["attack_scratch@initfc_fc-0", "attack@initfc_fc-original-0",
+                                      "attack@initfc_fc-ntl-0", "attack@initfc_fc-sophon-0"]), changed
+    snake = sorted((j["rule"], *j["output"][:1]) for j in snakemake_dry_run(root) if j["rule"] != "all")
+    assert [rule for rule, *_ in snake] == ["attack"] * 4 + ["report"], snake
+    assert all("initfc_fc" in out for rule, out in snake if rule == "attack")
+
+    repro = run([dvc, "repro"], root).stdout
+    ran = sorted(set(line.split("'")[1] for line in repro.splitlines() if line.startswith("Running stage")))
+    assert ran == sorted(changed + ["report"]), ran
+    summary = json.loads((root / "reports" / params["experiment"] / "summary.json").read_text())
+    assert list(summary["attacks"]["initfc_fc"]["restricted_accuracy"]["sophon"]) == ["0", "1", "2", "3"]
+    assert "summary.json" in run([dvc, "metrics", "show"], root).stdout
+
+
+def test_bad_input_gives_one_line_and_keeps_outputs(project):
+    root, params, _ = project
+    curve = root / "results" / "attacks" / "direct_all" / "sophon" / "seed_0.json"
+    kept = curve.read_bytes()
+    weights = root / "models" / "sophon" / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-64] + bytes(64))
+    try:
+        done = run(["python", "-m", "stages.attack", "--attack", "direct_all", "--start", "sophon", "--seed", "0"],
+                   root, check=False)
+    finally:
+        weights.write_bytes(original)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: checkpoint")
+    assert "corrupted" in done.stderr and curve.read_bytes() == kept
+
+    def stage_error(config_text: str, stage: str = "split") -> str:
+        (root / "bad.yaml").write_text(config_text)
+        result = run(["python", "-m", f"stages.{stage}", "--params", "bad.yaml"], root, check=False)
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1
+        return lines[0]
+
+    good = (root / "params.yaml").read_text()
+    manifest = (root / "data" / "splits" / "manifest.json").read_bytes()
+    assert "not valid YAML" in stage_error(good + "\nseeds: [0,\n")
+    assert "key 'restricted.domain' = nope: unknown domain" in stage_error(good.replace("domain: mnist5k", "domain: nope"))
+    assert "key 'model.arch' = resnet_nope: unknown model" in stage_error(good.replace("arch: test_resnet", "arch: resnet_nope"))
+    missing = stage_error(good.replace("domain: mnist5k", "domain: cifar10").replace("root: data/raw", "root: nowhere"))
+    assert "dataset 'cifar10'" in missing and "nowhere" in missing
+    assert (root / "data" / "splits" / "manifest.json").read_bytes() == manifest  # earlier output kept
