@@ -16,7 +16,8 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 run: env
-	snakemake --cores $(CORES)
+	snakemake --cores $(CORES) report
+	snakemake --cores $(CORES) gen_all
 	@echo "Reports: reports/*/report.html  (browse runs: mlflow ui --backend-store-uri sqlite:///mlflow.db)"
 
 test: env

@@ -43,7 +43,7 @@ def tiny_params(path: Path) -> dict:
     generation = params.get("generation")
     if generation:
         generation["seeds"] = [0]
-        generation["original"].update(options={"n": 64}, test_samples=16)
+        generation["original"].update(options={"n": 64}, train_samples=64, test_samples=16)
         generation["split"]["original_val_samples"] = 16
         generation["pretrain"].update(epochs=1)
         generation["sophon"].update(loops=2, inner_steps=2, check_every=1)

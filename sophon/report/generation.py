@@ -52,6 +52,11 @@ def summarize(*, experiment: str, seeds: list[int], attacks: dict[str, dict], cu
         summary["stability"][loss] = {"runs": len(docs), "nan": outcomes.count("nan"),
                                       "diverged": outcomes.count("diverged"), "stable": outcomes.count("stable"),
                                       "by_seed": {str(d["seed"]): d["outcome"] for d in docs},
+                                      "first_loss": _finite_stat([_finite(d["suppression_loss"], 0) for d in docs]),
+                                      "last_loss": _finite_stat([_finite(d["suppression_loss"], -1) for d in docs]),
+                                      "restricted_test_mse_end": _finite_stat([d.get("restricted_test_mse_end")
+                                                                               for d in docs]),
+                                      "original_val_mse_end": _finite_stat([d.get("original_val_mse_end") for d in docs]),
                                       "divergence_threshold": docs[0]["divergence_threshold"] if docs else None}
     for name, history in histories.items():
         summary["training"][name] = {k: history[k] for k in ("original_test_mse", "original_val_mse",
@@ -62,6 +67,16 @@ def summarize(*, experiment: str, seeds: list[int], attacks: dict[str, dict], cu
     summary["timings"] = _timings(histories, curves, stability)
     summary["verdicts"] = verdicts(summary, report)
     return summary
+
+
+def _finite(values, index):
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return finite[index] if finite else None
+
+
+def _finite_stat(values) -> dict | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return mean_std(values) if values else None
 
 
 def _timings(histories, curves, stability) -> dict:
@@ -143,8 +158,8 @@ def mse_curves(summary: dict, path) -> None:
             std = np.array([stats[str(e)]["std"] for e in epochs])
             ax.plot(epochs, mean, "o-", ms=2.5, color=COLORS[start], label=LABELS[start], lw=1.6)
             ax.fill_between(epochs, np.maximum(mean - std, 1e-4), mean + std, color=COLORS[start], alpha=0.18, lw=0)
-        ax.set(title=f"{name}: {entry['optimizer']}, lr {entry['lr']}, batch {entry['batch_size']}",
-               xlabel="fine-tuning epoch", ylabel="restricted test MSE (log scale)", yscale="log")
+        ax.set_title(f"{name}: {entry['optimizer']}, lr {entry['lr']}, batch {entry['batch_size']}", fontsize=9)
+        ax.set(xlabel="fine-tuning epoch", ylabel="restricted test MSE (log scale)", yscale="log")
         ax.grid(alpha=0.3, which="both")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
@@ -186,8 +201,12 @@ def stability(summary: dict, docs: dict[str, list[dict]], path) -> None:
             bad = ~np.isfinite(values)
             if bad.any():
                 ax.plot(loops[bad], np.zeros(int(bad.sum())), "x", color=line.get_color(), ms=6)
-        ax.set(title=f"{LOSS_NAMES[loss]}: {counts['nan']} NaN, {counts['diverged']} diverged of {counts['runs']}",
-               xlabel="Sophon loop", ylabel="suppression loss", yscale="symlog")
+        finite = [abs(v) for d in docs[loss] for v in d["suppression_loss"] if v is not None]
+        if finite and max(finite) > 10:
+            ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_title(f"{LOSS_NAMES[loss]}: {counts['nan']} NaN, {counts['diverged']} diverged of {counts['runs']} seeds",
+                     fontsize=9)
+        ax.set(xlabel="Sophon loop", ylabel="suppression loss")
         ax.axhline(0, color="black", lw=0.6)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -235,6 +254,12 @@ def _fmt(value, digits=4) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _epoch_list(epochs: list[int]) -> str:
+    if epochs and epochs == list(range(epochs[0], epochs[-1] + 1)) and len(epochs) > 2:
+        return f"every epoch {epochs[0]}–{epochs[-1]}"
+    return "epochs " + ", ".join(map(str, epochs))
+
+
 def verdict_lines(summary: dict) -> list[str]:
     v = summary["verdicts"]
     i = v["intactness"]
@@ -256,7 +281,7 @@ def verdict_lines(summary: dict) -> list[str]:
         else:
             noise = "within seed noise (±1 std each)" if a["within_noise_where_below"] else "beyond seed noise"
             lines.append(f"Non-fine-tunability does NOT hold under {name}: fine-tuning Sophon reaches a LOWER MSE than "
-                         f"training from scratch at epochs {', '.join(map(str, a['epochs_sophon_below_scratch']))} "
+                         f"training from scratch at {_epoch_list(a['epochs_sophon_below_scratch'])} "
                          f"(by up to {a['max_shortfall_below_scratch']:.4f}, {noise}; {final}).")
         if "original_beats_scratch_early" in a:
             early = ", ".join(map(str, a["early_epochs"]))
@@ -265,8 +290,11 @@ def verdict_lines(summary: dict) -> list[str]:
                          f"at the early epochs {early}" + ("" if a["original_beats_scratch_early"] else
                                                            " — so there is little for Sophon to take away") + ".")
     for loss, s in summary["stability"].items():
+        trend = ""
+        if s.get("first_loss") and s.get("last_loss"):
+            trend = f"; mean loss {s['first_loss']['mean']:.3f} at the first loop → {s['last_loss']['mean']:.3f} at the last"
         lines.append(f"Stability, {LOSS_NAMES[loss]}: {s['nan']} of {s['runs']} seeds went NaN, {s['diverged']} diverged "
-                     f"(|loss| > {s['divergence_threshold']}), {s['stable']} stayed finite and bounded.")
+                     f"(|loss| > {s['divergence_threshold']}), {s['stable']} stayed finite and below it{trend}.")
     return lines
 
 
@@ -307,9 +335,14 @@ def build_document(summary: dict, epochs, images: dict[str, Path], notes: list[s
         Image(images["denoise_original"], "original-domain denoising")]))
     stab = Section("Stability of the suppression loss (paper §5.8, Fig. 14)", [
         "Sophon runs from the original model with the protect settings, no rollback, one run per seed and loss."])
-    stab.blocks.append(Table(["Suppression loss", "runs", "NaN", "diverged", "stable"],
-                             [[LOSS_NAMES[k], s["runs"], s["nan"], s["diverged"], s["stable"]]
-                              for k, s in summary["stability"].items()]))
+    stab.blocks.append(Table(
+        ["Suppression loss", "runs", "NaN", "diverged", "stable", "loss at first loop", "loss at last loop",
+         "restricted MSE after", "original val MSE after"],
+        [[LOSS_NAMES[k], s["runs"], s["nan"], s["diverged"], s["stable"], *(
+            "–" if s.get(key) is None else _pm(s[key]) for key in ("first_loss", "last_loss", "restricted_test_mse_end",
+                                                                   "original_val_mse_end"))]
+         for k, s in summary["stability"].items()],
+        "mean ± std over the stability seeds of finite values; restricted MSE before any fine-tuning"))
     stab.blocks.append(Image(images["stability"], "suppression loss per loop, per seed"))
     sections.append(stab)
     if "sophon" in summary["training"]:

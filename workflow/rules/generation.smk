@@ -48,6 +48,7 @@ rule gen_pretrain:
     log:
         "logs/generation/pretrain.log",
     threads: all_threads()
+    priority: 10  # the critical path (pretrain → protect → Sophon attacks)
     shell:
         STAGE.format(stage="gen_pretrain") + " 2> {log}"
 
@@ -65,7 +66,8 @@ rule gen_protect:
         eval=GEN["eval"],
     log:
         "logs/generation/protect.log",
-    threads: all_threads()
+    threads: 1  # small batches gain little from a second thread; the other core runs stability and attacks meanwhile
+    priority: 10  # the critical path
     shell:
         STAGE.format(stage="gen_protect") + " 2> {log}"
 

@@ -44,5 +44,6 @@ rule protect:
     log:
         "logs/protect.log",
     threads: all_threads()
+    priority: 10  # the critical path: start it before the attacks that do not need it
     shell:
         STAGE.format(stage="protect") + " 2> {log}"

@@ -1,0 +1,98 @@
+"""Throughput benchmarks of the core's hot loops (not tests): median and spread over repeats.
+
+    python benchmarks/run.py [--repeats 5] [--threads 2]
+
+Measures, at the quick profile's sizes: a training step of the classifier (the attack and pretrain loop),
+one Sophon outer loop (fine-tuning simulation + suppression + reinforcement), and one diffusion UNet
+training step. Writes benchmarks/results.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from sophon.data import DomainRequest, load_domain  # noqa: E402
+from sophon.models import build_classifier  # noqa: E402
+from sophon.objectives import ClassificationObjective  # noqa: E402
+from sophon.protect import ProtectSettings, protect  # noqa: E402
+from sophon.train import to_input  # noqa: E402
+
+
+def timed(fn, repeats: int) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - began)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shapes = load_domain("shapes10", DomainRequest(size=28, options={"n": 2000}))
+    digits = load_domain("mnist5k", DomainRequest(size=28)).subset(range(1000))
+    model = build_classifier("test_resnet", 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = to_input(shapes.images[:200], torch.device("cpu")), shapes.labels[:200]
+
+    def train_step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    settings = ProtectSettings(loops=1, check_every=10**6)
+
+    def sophon_loop():
+        protect(model, ClassificationObjective("ice"), digits, shapes, shapes.subset(range(200)), settings,
+                seed=0, device=torch.device("cpu"))
+
+    results = {"train_step_batch200_images_per_s": [200 / t for t in timed(train_step, args.repeats * 4)],
+               "sophon_outer_loop_s": timed(sophon_loop, args.repeats)}
+    try:
+        from sophon.diffusion import build_unet  # noqa: F401  (generation core, when present)
+        from diffusers import UNet2DModel
+
+        unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32, 64),
+                           layers_per_block=1, down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
+                           norm_num_groups=8)
+        unet_opt = torch.optim.Adam(unet.parameters(), lr=1e-3)
+        images, t = torch.randn(64, 1, 16, 16), torch.randint(0, 1000, (64,))
+
+        def unet_step():
+            loss = (unet(images, t).sample - images).pow(2).mean()
+            unet_opt.zero_grad()
+            loss.backward()
+            unet_opt.step()
+
+        results["unet16_step_batch64_images_per_s"] = [64 / s for s in timed(unet_step, args.repeats * 2)]
+    except ImportError:
+        pass
+    summary = {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)} for name, v in results.items()}
+    summary["threads"] = args.threads
+    summary["torch"] = torch.__version__
+    Path(__file__).with_name("results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for name, s in summary.items():
+        if isinstance(s, dict):
+            print(f"{name:40s} median {s['median']:9.2f}   range {s['min']:.2f}–{s['max']:.2f}   (n={s['n']})")
+
+
+if __name__ == "__main__":
+    main()
