@@ -53,6 +53,9 @@ class DomainRequest:
     max_samples: int | None = None
     options: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))  # config values arrive as strings
+
     def replace(self, **changes) -> "DomainRequest":
         return dataclasses.replace(self, **changes)
 
