@@ -67,7 +67,6 @@ def main() -> None:
     results = {"train_step_batch200_images_per_s": [200 / t for t in timed(train_step, args.repeats * 4)],
                "sophon_outer_loop_s": timed(sophon_loop, args.repeats)}
     try:
-        from sophon.diffusion import build_unet  # noqa: F401  (generation core, when present)
         from diffusers import UNet2DModel
 
         unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32, 64),

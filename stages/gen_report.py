@@ -7,17 +7,15 @@ Writes into reports/<generation.experiment>/: summary.json, report.md, report.ht
 denoise_restricted.png, denoise_original.png, stability.png, protect_history.png and curves/<attack>.csv.
 """
 
-import json
 
-import torch
 from safetensors.torch import load_file
 
 from sophon import layout
 from sophon.diffusion import denoise_figure_batch, figure_batch, make_scheduler, to_uint8
-from sophon.io import read_json, write_json, write_text
+from sophon.io import write_json, write_text
 from sophon.models import read_card
 from sophon.report import generation as gen_report
-from sophon.report.aggregate import ReportInputError
+from sophon.report.aggregate import ReportInputError, read_input
 from sophon.report.render import render_html, render_markdown, render_text
 from sophon.tracking import stage_run
 from stages import gen_common
@@ -27,14 +25,6 @@ FIGURES = {"mse_curves": "mse_curves.png", "denoise_restricted": "denoise_restri
            "denoise_original": "denoise_original.png", "stability": "stability.png",
            "protect_history": "protect_history.png"}
 
-
-def read_input(path):
-    if not path.exists():
-        raise ReportInputError(f"report input missing: {path} (run the stage that writes it first)")
-    try:
-        return read_json(path)
-    except json.JSONDecodeError as exc:
-        raise ReportInputError(f"report input {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
 def denoised_rows(gen: dict, device) -> tuple[list, list]:

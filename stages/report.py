@@ -10,14 +10,13 @@ the NTL model and history), and the report says so.
 
 import csv
 import io
-import json
 import logging
 
 from sophon import layout
-from sophon.io import read_json, write_json, write_text
+from sophon.io import write_json, write_text
 from sophon.models import read_card
 from sophon.report import figures
-from sophon.report.aggregate import ReportInputError, build_summary, means
+from sophon.report.aggregate import build_summary, means, read_input
 from sophon.report.render import attack_table, build_document, render_html, render_markdown, render_text, verdict_lines
 from sophon.tracking import stage_run
 from stages.common import parser, run, setup
@@ -25,15 +24,6 @@ from stages.common import parser, run, setup
 log = logging.getLogger("sophon.report")
 FIGURES = {"restricted_accuracy": "restricted_accuracy.png", "protect_history": "protect_history.png", "sweep": "sweep.png"}
 
-
-def read_input(path):
-    """One JSON input; a missing or unreadable file is a one-line ReportInputError naming it."""
-    if not path.exists():
-        raise ReportInputError(f"report input missing: {path} (run the stage that writes it first)")
-    try:
-        return read_json(path)
-    except json.JSONDecodeError as exc:
-        raise ReportInputError(f"report input {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
 def load_inputs(config: dict) -> dict:

@@ -20,6 +20,21 @@ class ReportInputError(SophonError):
     """An input of the report is missing or inconsistent."""
 
 
+def read_input(path):
+    """One JSON input of a report; a missing or unreadable file is a one-line ReportInputError naming it."""
+    import json
+
+    from sophon.io import read_json
+
+    if not path.exists():
+        raise ReportInputError(f"report input missing: {path} (run the stage that writes it first)")
+    try:
+        return read_json(path)
+    except json.JSONDecodeError as exc:
+        raise ReportInputError(f"report input {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+
 def mean_std(values) -> dict:
     values = np.asarray(values, dtype=float)
     return {"mean": float(values.mean()), "std": float(values.std(ddof=0))}

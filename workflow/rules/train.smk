@@ -12,6 +12,7 @@ rule pretrain:
     log:
         "logs/pretrain.log",
     threads: all_threads()
+    priority: 10
     shell:
         STAGE.format(stage="pretrain") + " 2> {log}"
 
@@ -43,7 +44,7 @@ rule protect:
         sophon=config["sophon"],
     log:
         "logs/protect.log",
-    threads: all_threads()
+    threads: 1  # small inner batches gain little from a second thread; the other core runs attacks meanwhile
     priority: 10  # the critical path: start it before the attacks that do not need it
     shell:
         STAGE.format(stage="protect") + " 2> {log}"
