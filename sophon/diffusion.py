@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sophon.data import ImageSet
-from sophon.errors import CheckpointError, ConfigError
+from sophon.errors import ConfigError
 from sophon.losses import get_loss
 from sophon.train import batches, progress
 
@@ -253,22 +253,11 @@ def save_unet(model, folder: str | Path, spec: UNetSpec, extra: dict | None = No
 
 
 def load_unet(folder: str | Path, map_location: str | torch.device = "cpu"):
-    """Rebuild the UNet2DModel from its card and load the safetensors weights (via sophon.models.load_state)."""
-    from sophon.models import CARD, load_state
+    """Rebuild the UNet2DModel from its card and load the safetensors weights (no pickle)."""
+    from sophon.models import load_checkpoint
 
-    state, card = load_state(folder)
-    if card.get("kind") != "unet":
-        raise CheckpointError(f"{folder} holds a {card.get('kind', 'classifier')} checkpoint, not a unet")
-    try:
-        model = build_unet(card["unet"], card["image_size"], card["in_chans"])
-    except KeyError as exc:
-        raise CheckpointError(f"checkpoint card {Path(folder) / CARD} lacks the key {exc}") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"checkpoint {folder} does not fit its card's UNet config: {first}") from None
-    return model.to(map_location), card
+    return load_checkpoint(folder, "unet", lambda card: build_unet(card["unet"], card["image_size"], card["in_chans"]),
+                           map_location)
 
 
 def timesteps_like(n: int, t: int) -> torch.Tensor:

@@ -166,13 +166,14 @@ def load_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"checkpoint {weights} cannot be read: {exc}") from None
 
 
-def load_classifier(folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[Classifier, dict]:
-    """Rebuild a classifier from its card and load its safetensors weights."""
+def load_checkpoint(folder: str | Path, kind: str, build: Callable[[dict], nn.Module],
+                    map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Read a checkpoint of `kind`, rebuild its module from the card with `build(card)`, load the weights strictly."""
     state, card = load_state(folder)
-    if card.get("kind", "classifier") != "classifier":
-        raise CheckpointError(f"{folder} holds a {card.get('kind')} checkpoint, not a classifier")
+    if card.get("kind", "classifier") != kind:
+        raise CheckpointError(f"{folder} holds a {card.get('kind', 'classifier')} checkpoint, not a {kind}")
     try:
-        model = build_classifier(card["architecture"], card["num_classes"], card["in_chans"], card["normalization"])
+        model = build(card)
     except KeyError as exc:
         raise CheckpointError(f"checkpoint card {Path(folder) / CARD} lacks the key {exc}") from None
     except UnknownNameError as exc:
@@ -181,5 +182,11 @@ def load_classifier(folder: str | Path, map_location: str | torch.device = "cpu"
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise CheckpointError(f"checkpoint {folder} does not fit its card's architecture: {first}") from None
+        raise CheckpointError(f"checkpoint {folder} does not fit its card's {kind} configuration: {first}") from None
     return model.to(map_location), card
+
+
+def load_classifier(folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[Classifier, dict]:
+    """Rebuild a classifier from its card and load its safetensors weights."""
+    return load_checkpoint(folder, "classifier", lambda card: build_classifier(
+        card["architecture"], card["num_classes"], card["in_chans"], card["normalization"]), map_location)

@@ -63,18 +63,21 @@ def protect_history(history: dict, path) -> None:
         top.legend(fontsize=8)
     skipped = f", {int((~finite).sum())} non-finite loops not drawn" if (~finite).any() else ""
     top.set(ylabel="suppression loss", title=f"Sophon protection: fine-tuning suppression{skipped}")
-    checks = history.get("checks", [])
-    bottom.plot([c["loop"] for c in checks], [c["quality"] for c in checks], "o-", color="tab:blue", ms=4,
-                label="original-domain accuracy at check")
+    draw_checks(top, bottom, history.get("checks", []), "original-domain accuracy at check", "original-domain accuracy (%)")
+    _save(fig, path)
+
+
+def draw_checks(top, bottom, checks: list[dict], label: str, ylabel: str) -> None:
+    """The lower panel of a protect-history figure: original-domain quality at each check, rollbacks marked."""
+    bottom.plot([c["loop"] for c in checks], [c["quality"] for c in checks], "o-", color="tab:blue", ms=4, label=label)
     rolled = [c for c in checks if c.get("rolled_back")]
     if rolled:
         bottom.plot([c["loop"] for c in rolled], [c["quality"] for c in rolled], "x", color="black", ms=9, mew=2,
                     label=f"rollback ({len(rolled)})")
-    bottom.set(xlabel="loop", ylabel="original-domain accuracy (%)")
+    bottom.set(xlabel="loop", ylabel=ylabel)
     bottom.legend(fontsize=8)
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-    _save(fig, path)
 
 
 def sweep(sweep_summary: dict, path) -> None:

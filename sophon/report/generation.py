@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from sophon.io import atomic_path  # noqa: E402
 from sophon.layout import GEN_STARTS, GEN_SUPPRESSIONS  # noqa: E402
+from sophon.report.figures import _save, draw_checks  # noqa: E402
 from sophon.report.aggregate import STD_NOTE, ReportInputError, curve_stats, mean_std  # noqa: E402
 from sophon.report.render import Bullets, Document, Image, Section, Table  # noqa: E402
 
@@ -22,7 +22,6 @@ LABELS = {"scratch": "train from scratch (B1)", "original": "fine-tune original 
 ROW_NAMES = {"scratch": "Train from scratch", "original": "Original model", "sophon": "Sophon model"}
 COLORS = {"scratch": "tab:gray", "original": "tab:blue", "sophon": "tab:red"}
 LOSS_NAMES = {"dos": "DoS ‖ε_θ‖²", "neg_mse": "negated MSE −‖ε_θ − ε‖²"}
-DPI = 120
 
 
 # ---- summary ------------------------------------------------------------------------------------------------
@@ -137,13 +136,6 @@ def verdicts(summary: dict, report: dict) -> dict:
 
 # ---- figures ------------------------------------------------------------------------------------------------
 
-def _save(fig, path) -> None:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI)
-    plt.close(fig)
-
-
 def mse_curves(summary: dict, path) -> None:
     """Restricted test MSE vs fine-tuning epoch, mean ± std over seeds, one panel per attack (paper Fig. 4)."""
     attacks = summary["attacks"]
@@ -220,17 +212,7 @@ def protect_history(history: dict, path) -> None:
     values = np.asarray(history["suppression_loss"], dtype=float)
     top.plot(loops, values, color="tab:red", lw=1)
     top.set(ylabel="suppression loss", title="Sophon (diffusion): suppression after simulated fine-tuning")
-    checks = history["checks"]
-    bottom.plot([c["loop"] for c in checks], [c["quality"] for c in checks], "o-", color="tab:blue", ms=4,
-                label="original-domain val MSE")
-    rolled = [c for c in checks if c.get("rolled_back")]
-    if rolled:
-        bottom.plot([c["loop"] for c in rolled], [c["quality"] for c in rolled], "x", color="black", ms=9, mew=2,
-                    label=f"rollback ({len(rolled)})")
-    bottom.set(xlabel="loop", ylabel="MSE")
-    bottom.legend(fontsize=8)
-    for ax in (top, bottom):
-        ax.grid(alpha=0.3)
+    draw_checks(top, bottom, history["checks"], "original-domain val MSE", "MSE")
     _save(fig, path)
 
 
