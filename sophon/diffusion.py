@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from sophon.data import ImageSet
 from sophon.errors import ConfigError
 from sophon.losses import get_loss
-from sophon.train import batches, progress
+from sophon.train import train_epochs
 
 # The quick profile's UNet: about 0.64 M parameters, no attention; fast at 16×16 on two CPU threads.
 QUICK_UNET = {"block_out_channels": [16, 32, 64], "layers_per_block": 1, "attention": False, "norm_num_groups": 8}
@@ -189,33 +189,6 @@ class DiffusionObjective:
         return {}
 
 
-def fit(model, objective, data: ImageSet, optimizer, *, epochs: int, batch_size: int, generator: torch.Generator,
-        scheduler=None, on_epoch: Callable[[int], None] | None = None, desc: str = "train") -> list[float]:
-    """Epochs of `objective.finetune_loss` on `data` (any objective); returns the mean training loss per epoch."""
-    model.train()
-    steps = -(-len(data) // batch_size)
-    bar = progress(total=epochs * steps, desc=desc, unit="step")
-    means = []
-    for epoch in range(1, epochs + 1):
-        total, count = 0.0, 0
-        for images, labels in batches(data, batch_size, generator):
-            loss = objective.finetune_loss(model, images, labels, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            total, count = total + loss.item(), count + 1
-            bar.update(1)
-        means.append(total / max(1, count))
-        bar.set_postfix(epoch=epoch, loss=f"{means[-1]:.4f}")
-        if on_epoch is not None:
-            on_epoch(epoch)
-            model.train()
-    bar.close()
-    return means
-
-
 # --- stability (paper §5.8, Fig. 14) -----------------------------------------------------------------------
 
 def classify_run(losses, *, threshold: float) -> str:
@@ -305,8 +278,8 @@ def _register_attack() -> None:
             if on_epoch:
                 on_epoch(epoch, curve[-1])
 
-        fit(model, objective, adversary, optimizer, epochs=settings.epochs, batch_size=settings.batch_size,
-            generator=generator, on_epoch=after_epoch, desc="attack")
+        train_epochs(model, adversary, optimizer, epochs=settings.epochs, batch_size=settings.batch_size,
+                     generator=generator, on_epoch=after_epoch, loss=objective.finetune_loss, desc="attack")
         return curve
 
 

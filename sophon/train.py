@@ -64,22 +64,32 @@ def evaluate_accuracy(model: torch.nn.Module, data: ImageSet, device: torch.devi
 
 
 def train_epochs(model, data: ImageSet, optimizer, *, epochs: int, batch_size: int, generator: torch.Generator,
-                 device: torch.device, scheduler=None, on_epoch: Callable[[int], None] | None = None,
-                 desc: str = "train") -> None:
-    """Plain cross-entropy training; `on_epoch(k)` runs after every epoch k = 1..epochs."""
+                 device: torch.device | str = "cpu", scheduler=None, on_epoch: Callable[[int], None] | None = None,
+                 loss: Callable | None = None, desc: str = "train") -> list[float]:
+    """The one training loop: `loss(model, images, labels, generator)` per batch (cross-entropy by default;
+    an objective's `finetune_loss` for diffusion); `on_epoch(k)` runs after every epoch k = 1..epochs.
+    Returns the mean training loss of every epoch."""
+    if loss is None:
+        def loss(net, images, labels, _generator):
+            return F.cross_entropy(net(to_input(images, device)), labels.to(device))
     model.train()
     bar = progress(total=epochs * -(-len(data) // batch_size), desc=desc, unit="step")
+    means = []
     for epoch in range(1, epochs + 1):
+        total, count = 0.0, 0
         for images, labels in batches(data, batch_size, generator):
-            loss = F.cross_entropy(model(to_input(images, device)), labels.to(device))
+            value = loss(model, images, labels, generator)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+            total, count = total + value.item(), count + 1
             bar.update(1)
-        bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+        means.append(total / max(1, count))
+        bar.set_postfix(epoch=epoch, loss=f"{means[-1]:.4f}")
         if on_epoch is not None:
             on_epoch(epoch)
             model.train()
     bar.close()
+    return means

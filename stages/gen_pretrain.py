@@ -6,10 +6,10 @@ import time
 import torch
 
 from sophon import layout
-from sophon.diffusion import fit, save_unet
+from sophon.diffusion import save_unet
 from sophon.io import write_json
 from sophon.tracking import stage_run
-from sophon.train import seed_everything
+from sophon.train import seed_everything, train_epochs
 from stages import gen_common
 from stages.common import parser, run, setup
 
@@ -33,8 +33,9 @@ def main() -> None:
         def on_epoch(epoch):
             tracked.log_metric("original_val_mse", objective.quality(model, val, device), step=epoch)
 
-        losses = fit(model, objective, train, optimizer, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-                     generator=generator, scheduler=schedule, on_epoch=on_epoch, desc="gen_pretrain")
+        losses = train_epochs(model, train, optimizer, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+                              generator=generator, scheduler=schedule, on_epoch=on_epoch,
+                              loss=objective.finetune_loss, desc="gen_pretrain")
         metrics = {"original_val_mse": objective.quality(model, val, device),
                    "original_test_mse": objective.quality(model, test, device),
                    "restricted_test_mse": objective.quality(model, restricted_test, device)}
