@@ -30,4 +30,4 @@ benchmark: env
 	python benchmarks/run.py
 
 clean:
-	rm -rf data models results reports logs .snakemake mlflow.db mlartifacts
+	rm -rf data models results reports logs .snakemake .cache mlflow.db mlartifacts

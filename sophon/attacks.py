@@ -1,8 +1,9 @@
 """The adversary: fine-tuning attacks, by name from a registry so red-teamers can add their own.
 
-An attack takes a starting model (None means train from scratch), the adversary's half of the
-restricted data and the restricted test set, and returns the test metric after every epoch,
-epoch 0 (before any update) included.
+An attack takes a starting model, the task's objective, the adversary's half of the restricted data and the
+restricted test set, and returns the objective's quality (accuracy for classifiers, fixed-noise MSE for
+diffusion) after every epoch, epoch 0 (before any update) included. One loop serves both tasks: the strategy
+(sophon.strategies) prepares the start, the objective supplies the loss and the quality measure.
 """
 
 from __future__ import annotations
@@ -14,31 +15,21 @@ import torch
 
 from sophon.data import ImageSet
 from sophon.errors import unknown
-from sophon.models import head_parameter_names, reset_head
-from sophon.optim import make_optimizer
-from sophon.train import evaluate_accuracy, train_epochs
-
-STARTS = ("direct", "initFC")
-TRAINED = ("all", "FC")
+from sophon.optim import make_optimizer, make_schedule
+from sophon.train import train_epochs
 
 
 @dataclass(frozen=True)
 class AttackSettings:
     method: str = "finetune"
-    strategy: str = "direct+all"  # "<start>+<trained>": direct|initFC + all|FC
+    strategy: str = "direct+all"  # sophon.strategies: direct+all, initFC+all, initFC+FC, reinit<k>+all, lora, …
     optimizer: str = "momentum"
     lr: float = 0.01
     batch_size: int = 200
     weight_decay: float = 5e-4
     epochs: int = 20
-
-    @property
-    def start(self) -> str:
-        return self.strategy.split("+")[0]
-
-    @property
-    def trained(self) -> str:
-        return self.strategy.split("+")[1]
+    schedule: str = "constant"  # or "cosine": linear warm-up then cosine decay to zero (sophon.optim)
+    lora_rank: int = 4
 
 
 AttackFn = Callable[..., list[float]]
@@ -61,31 +52,42 @@ def get_attack(name: str) -> AttackFn:
 
 @register_attack("finetune")
 def finetune(model: torch.nn.Module, adversary: ImageSet, test: ImageSet, settings: AttackSettings, *,
-             seed: int, device: torch.device, from_scratch: bool = False,
+             seed: int, device: torch.device, from_scratch: bool = False, objective=None,
              on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
-    """Supervised fine-tuning with the paper's strategies (Table I). From scratch, every weight is trained."""
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # the initFC head's initial weights
-    if settings.start == "initFC" and not from_scratch:
-        reset_head(model)
-    trained_names = head_parameter_names(model) if settings.trained == "FC" and not from_scratch else None
-    for name, p in model.named_parameters():
-        p.requires_grad_(trained_names is None or name in trained_names)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(settings.optimizer, params, settings.lr, settings.weight_decay)
+    """Supervised fine-tuning with a strategy (paper Table I, plus re-initialised blocks and LoRA). From scratch,
+    every weight of the randomly initialised model is trained and the strategy does not apply."""
+    from sophon.strategies import prepare
 
-    accuracies = [evaluate_accuracy(model, test, device)]
+    if objective is None:
+        from sophon.objectives import ClassificationObjective
+
+        objective = ClassificationObjective(device=device)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if from_scratch:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        net, trainable = model, list(model.parameters())
+    else:
+        prepared = prepare(model, settings.strategy, seed=seed, lora_rank=settings.lora_rank)
+        net, trainable = prepared.model.to(device), prepared.trainable
+    optimizer = make_optimizer(settings.optimizer, trainable, settings.lr, settings.weight_decay)
+    steps = settings.epochs * -(-len(adversary) // settings.batch_size)
+    scheduler = make_schedule(settings.schedule, optimizer, steps)
+
+    curve = [objective.quality(net, test, device)]
     if on_epoch:
-        on_epoch(0, accuracies[0])
+        on_epoch(0, curve[0])
 
     def after_epoch(epoch: int) -> None:
-        accuracies.append(evaluate_accuracy(model, test, device))
+        curve.append(objective.quality(net, test, device))
         if on_epoch:
-            on_epoch(epoch, accuracies[-1])
+            on_epoch(epoch, curve[-1])
 
-    train_epochs(model, adversary, optimizer, epochs=settings.epochs, batch_size=settings.batch_size,
-                 generator=generator, device=device, on_epoch=after_epoch, desc="attack")
-    return accuracies
+    train_epochs(net, adversary, optimizer, epochs=settings.epochs, batch_size=settings.batch_size,
+                 generator=generator, device=device, scheduler=scheduler, on_epoch=after_epoch,
+                 loss=objective.finetune_loss, desc="attack")
+    return curve
 
 
 def sweep_score(curve: list[float]) -> float:

@@ -101,7 +101,40 @@ def _check_names(config: dict, source: str) -> None:
         if not timm.is_model(arch):
             raise ConfigError(f"{source}: key 'model.arch' = {arch}: unknown model; use a timm model name "
                               f"(timm.list_models()) or one of: {', '.join(sorted(MODEL_BUILDERS))}")
+    check_search(config["search"], "classification", "search", source)
+    check_search(config["generation"]["search"], "diffusion", "generation.search", source)
     for name, attack in config["attacks"].items():
         if attack["method"] not in ATTACKS:
             raise ConfigError(f"{source}: key 'attacks.{name}.method' = {attack['method']}: unknown attack method; "
                               f"known: {', '.join(sorted(ATTACKS))}")
+
+
+STARTS_BY_TASK = {"classification": ("original", "ntl", "sophon"), "diffusion": ("original", "sophon")}
+
+
+def check_search(search: dict, task: str, key: str, source: str) -> None:
+    """What the schema cannot check in a search section: strategy names of the task, an lr range for every
+    optimiser, low ≤ high, starts the task has, and sophon among them (the verdict compares it with scratch)."""
+    from sophon.strategies import check_strategy
+
+    for start in search["starts"]:
+        if start not in STARTS_BY_TASK[task]:
+            raise ConfigError(f"{source}: key '{key}.starts' = {start}: not a start of the {task} task; "
+                         f"allowed: {', '.join(STARTS_BY_TASK[task])}")
+    if "sophon" not in search["starts"]:
+        raise ConfigError(f"{source}: key '{key}.starts' must include sophon (the envelope verdict compares it with scratch)")
+    space = search["space"]
+    for strategy in space["strategies"]:
+        try:
+            check_strategy(strategy, task)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: key '{key}.space.strategies' = {strategy}: {exc}") from None
+    for optimizer in space["optimizers"]:
+        if optimizer not in space["lrs"]:
+            raise ConfigError(f"{source}: key '{key}.space.lrs' has no range for optimizer {optimizer}; "
+                         f"add {key}.space.lrs.{optimizer}: {{low: ..., high: ..., count: 3}}")
+    for optimizer, spec in space["lrs"].items():
+        if spec["low"] > spec["high"]:
+            raise ConfigError(f"{source}: key '{key}.space.lrs.{optimizer}': low {spec['low']} is above high {spec['high']}")
+    if search["confirm_top"] > max(1, search["trials"]) and search["trials"] > 0:
+        raise ConfigError(f"{source}: key '{key}.confirm_top' = {search['confirm_top']}: more than the {search['trials']} trials")

@@ -39,6 +39,16 @@ def attack_curve(attack: str, start: str, seed) -> Path:
     return Path("results/attacks") / attack / start / f"seed_{seed}.json"
 
 
+def search_result(experiment: str, start: str) -> Path:
+    """One start's attack search (`experiment` is classification or generation)."""
+    return Path("results/search") / experiment / f"{start}.json"
+
+
+def search_cache(experiment_name: str) -> Path:
+    """Finished search runs by content key (sophon.search.RunCache); not a pipeline output, so never deleted by it."""
+    return Path(".cache/search") / experiment_name
+
+
 def report_dir(experiment: str) -> Path:
     return Path("reports") / experiment
 

@@ -1,4 +1,4 @@
-"""Optimiser registry shared by the adversary and the fine-tuning simulation."""
+"""Optimiser and learning-rate schedule registries shared by the adversary and the fine-tuning simulation."""
 
 from __future__ import annotations
 
@@ -13,10 +13,25 @@ OPTIMIZERS = {
     "adagrad": lambda params, lr, wd: torch.optim.Adagrad(params, lr=lr, weight_decay=wd),
     "adadelta": lambda params, lr, wd: torch.optim.Adadelta(params, lr=lr, weight_decay=wd),
     "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
 }
+SCHEDULES = ("constant", "cosine")
+WARMUP_FRACTION = 0.05  # of all steps, at least one: the warm-up of the cosine schedule
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     if name not in OPTIMIZERS:
         raise unknown("optimizer", name, OPTIMIZERS)
     return OPTIMIZERS[name](params, lr, weight_decay)
+
+
+def make_schedule(name: str, optimizer: torch.optim.Optimizer, total_steps: int):
+    """None for a constant lr; `cosine`: linear warm-up over 5 % of the steps, then cosine decay to zero."""
+    if name == "constant":
+        return None
+    if name != "cosine":
+        raise unknown("lr schedule", name, SCHEDULES)
+    warmup = max(1, round(WARMUP_FRACTION * total_steps))
+    rise = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup))
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [rise, decay], milestones=[warmup])

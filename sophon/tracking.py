@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -70,6 +71,26 @@ class StageRun:
 
     def set_tag(self, key: str, value) -> None:
         self._mlflow.set_tag(key, str(value))
+
+    def child(self, name: str, *, params: dict, metrics: dict, curve: tuple[str, list[float]] | None = None,
+              tags: dict | None = None) -> None:
+        """A finished nested run under this one (MLflow's convention for sweeps): params, metrics and a per-epoch
+        curve, written in one batch."""
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param, RunTag
+
+        client = MlflowClient()
+        run_tags = {"mlflow.parentRunId": self.run.info.run_id, "mlflow.runName": name,
+                    "sophon.invocation": invocation_id(), **{k: str(v) for k, v in (tags or {}).items()}}
+        child = client.create_run(self.run.info.experiment_id, run_name=name, tags=run_tags)
+        now = int(time.time() * 1000)
+        values = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        if curve is not None:
+            key, points = curve
+            values += [Metric(key, float(v), now, step) for step, v in enumerate(points)]
+        client.log_batch(child.info.run_id, metrics=values,
+                         params=[Param(k, str(v)[:500]) for k, v in _flatten(params).items()])
+        client.set_terminated(child.info.run_id, "FINISHED")
 
 
 @contextlib.contextmanager

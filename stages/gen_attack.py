@@ -31,7 +31,7 @@ def main() -> None:
         raise ConfigError(f"--attack {args.attack!r} is not in params.yaml's generation.attacks: "
                           f"{', '.join(gen['attacks'])}")
     attack = dict(gen["attacks"][args.attack])
-    settings = AttackSettings(method="finetune_diffusion", strategy="direct+all", **attack)
+    settings = AttackSettings(strategy="direct+all", **attack)
     adversary, test = gen_common.part("adversary"), gen_common.part("restricted_test")
     seed_everything(args.seed)
     if args.start == "scratch":

@@ -4,7 +4,7 @@ figure (Fig. 4), denoising figures (Fig. 5, 6), the stability study (Fig. 14) an
     python -m stages.gen_report [--params params.yaml]
 
 Writes into reports/<generation.experiment>/: summary.json, report.md, report.html, mse_curves.png,
-denoise_restricted.png, denoise_original.png, stability.png, protect_history.png and curves/<attack>.csv.
+denoise_restricted.png, denoise_original.png, stability.png, protect_history.png, envelope.png and curves/<attack>.csv.
 """
 
 
@@ -15,6 +15,7 @@ from sophon.diffusion import denoise_figure_batch, figure_batch, make_scheduler,
 from sophon.io import write_json, write_text
 from sophon.models import read_card
 from sophon.report import generation as gen_report
+from sophon.report import search as search_report
 from sophon.report.aggregate import ReportInputError, read_input
 from sophon.report.render import render_html, render_markdown, render_text
 from sophon.tracking import stage_run
@@ -74,6 +75,8 @@ def main() -> None:
              f"{gen['eval']['seed']}, t uniform in 0..999.",
              f"Sophon: suppression {gen['sophon']['suppression']}, {gen['sophon']['loops']} loops, alpha "
              f"{gen['sophon']['alpha']}, beta {gen['sophon']['beta']}, {gen['sophon']['inner_steps']} inner steps."]
+    summary["envelope"], search_section, images["envelope"] = search_report.build(
+        gen["search"], "generation", out, gen["report"]["epochs"])
     with stage_run("gen_report", gen["experiment"], params={"attacks": ",".join(gen["attacks"]), "seeds": gen["seeds"],
                                                             "report": gen["report"]}) as tracked:
         write_json(out / "summary.json", summary)
@@ -87,6 +90,7 @@ def main() -> None:
         for name, entry in summary["attacks"].items():
             write_text(out / "curves" / f"{name}.csv", gen_report.curve_csv(entry))
         document = gen_report.build_document(summary, gen["report"]["epochs"], images, notes)
+        document.sections.insert(1, search_section)
         write_text(out / "report.md", render_markdown(document))
         write_text(out / "report.html", render_html(document))
         for path in [*images.values(), out / "summary.json", out / "report.html", out / "report.md"]:
@@ -100,6 +104,7 @@ def main() -> None:
         print(render_text(gen_report.attack_table(summary, name, gen["report"]["epochs"])))
         print()
     print("\n".join(gen_report.verdict_lines(summary)))
+    print(search_report.verdict_line(summary["envelope"]))
     print(f"\nreport: {out / 'report.html'}")
 
 

@@ -3,7 +3,7 @@
     python -m stages.report [--params params.yaml]
 
 Writes into reports/<experiment>/: summary.json, report.md, report.html, restricted_accuracy.png,
-protect_history.png, sweep.png and curves/<attack>.csv (per-epoch means, for DVC plots). Every input named by
+protect_history.png, sweep.png, envelope.png and curves/<attack>.csv (per-epoch means, for DVC plots). Every input named by
 params.yaml must exist; only a baseline that never ran at all is skipped (an attack start whose folder is absent,
 the NTL model and history), and the report says so.
 """
@@ -16,6 +16,7 @@ from sophon import layout
 from sophon.io import write_json, write_text
 from sophon.models import read_card
 from sophon.report import figures
+from sophon.report import search as search_report
 from sophon.report.aggregate import build_summary, means, read_input
 from sophon.report.render import attack_table, build_document, render_html, render_markdown, render_text, verdict_lines
 from sophon.tracking import stage_run
@@ -76,6 +77,8 @@ def main() -> None:
     summary = build_summary(config, **inputs)
     out = layout.report_dir(config["experiment"])
     images = {key: out / name for key, name in FIGURES.items()}
+    summary["envelope"], search_section, images["envelope"] = search_report.build(
+        config["search"], "classification", out, config["report"]["epochs"])
     with stage_run("report", config["experiment"], params={"attacks": ",".join(config["attacks"]),
                                                            "seeds": config["seeds"], "sweep_lrs": config["sweep"]["lrs"]}) as tracked:
         write_json(out / "summary.json", summary)
@@ -85,6 +88,7 @@ def main() -> None:
         for name, entry in summary["attacks"].items():
             write_text(out / "curves" / f"{name}.csv", curves_csv(entry))
         document = build_document(summary, config["report"]["epochs"], images)
+        document.sections.insert(1, search_section)
         write_text(out / "report.md", render_markdown(document))
         write_text(out / "report.html", render_html(document))
         for path in [*images.values(), out / "summary.json", out / "report.html", out / "report.md"]:
@@ -94,6 +98,7 @@ def main() -> None:
     print(render_text(attack_table(summary, first, config["report"]["epochs"])))
     print()
     print("\n".join(verdict_lines(summary)))
+    print(search_report.verdict_line(summary["envelope"]))
     print(f"\nreport: {out / 'report.html'}")
 
 

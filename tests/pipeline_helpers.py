@@ -40,6 +40,7 @@ def tiny_params(path: Path) -> dict:
     for attack in params["attacks"].values():
         attack["epochs"] = 2
     params["report"]["epochs"] = [0, 1, 2]
+    shrink_search(params["search"])
     generation = params.get("generation")
     if generation:
         generation["seeds"] = [0]
@@ -49,11 +50,17 @@ def tiny_params(path: Path) -> dict:
         generation["sophon"].update(loops=2, inner_steps=2, check_every=1)
         for attack in generation["attacks"].values():
             attack["epochs"] = 2
+        shrink_search(generation["search"])
         generation["stability"].update(seeds=[0], loops=2)
         generation["report"].update(epochs=[0, 1, 2], images=2)
         generation["eval"]["repeats"] = 1
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return params
+
+
+def shrink_search(search: dict) -> None:
+    """Two configurations per start, two epochs each; the best one confirmed at one seed for three epochs."""
+    search.update(trials=2, coarse_epochs=2, confirm_top=1, epochs=3, seeds=[0])
 
 
 def environment(workdir: Path) -> dict:

@@ -30,8 +30,13 @@ def test_shipped_profiles_validate_and_fill_defaults():
     assert paper["model"]["arch"] == "caformer_m36" and paper["original"]["domain"] == "imagenette"
     minimal = validate_params({"experiment": "x", "seeds": [0], "original": {"domain": "shapes10"},
                                "restricted": {"domain": "mnist5k"}, "model": {"arch": "test_resnet"},
-                               "attacks": {"a": {"strategy": "direct+all", "optimizer": "sgd", "lr": 0.1}}})
+                               "attacks": {"a": {"strategy": "direct+all", "optimizer": "sgd", "lr": 0.1}},
+                               "search": {"starts": ["sophon"], "space": {
+                                   "strategies": ["direct+all"], "optimizers": ["sgd"],
+                                   "lrs": {"sgd": {"low": 0.01, "high": 0.1}}, "batch_sizes": [64]}}})
     assert minimal["sophon"]["suppression"] == "ice" and minimal["data"]["image_size"] == 28
+    assert minimal["search"]["space"]["lrs"]["sgd"]["count"] == 3 and minimal["search"]["epochs"] == 50
+    assert minimal["generation"]["search"]["space"]["optimizers"] == ["adam", "adamw", "momentum"]
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -44,6 +49,19 @@ def test_shipped_profiles_validate_and_fill_defaults():
     (lambda c: c["model"].update(arch="resnet_nope"), "key 'model.arch' = resnet_nope: unknown model"),
     (lambda c: c.pop("attacks"), "'attacks' is a required property"),
     (lambda c: c["attacks"]["direct_all"].update(lr="fast"), "key 'attacks.direct_all.lr' = fast"),
+    (lambda c: c["search"]["space"]["strategies"].append("reinit0+all"),
+     "key 'search.space.strategies' = reinit0+all: fine-tuning strategy 'reinit0+all' is not allowed"),
+    (lambda c: c["generation"]["search"]["space"]["strategies"].append("initFC+all"),
+     "key 'generation.search.space.strategies' = initFC+all"),
+    (lambda c: c["search"]["space"]["optimizers"].append("sgd") or c["search"]["space"]["lrs"].pop("sgd"),
+     "key 'search.space.lrs' has no range for optimizer sgd"),
+    (lambda c: c["search"]["space"]["lrs"]["adam"].update(low=0.1, high=0.01), "key 'search.space.lrs.adam': low 0.1 is above high"),
+    (lambda c: c["search"]["space"]["lrs"]["adam"].update(count=0), "key 'search.space.lrs.adam.count' = 0"),
+    (lambda c: c["search"]["space"]["batch_sizes"].append(0), "key 'search.space.batch_sizes.2' = 0"),
+    (lambda c: c["search"]["space"].update(schedules=["linear"]), "key 'search.space.schedules.0' = linear"),
+    (lambda c: c["search"].update(starts=["scratch"]), "key 'search.starts.0' = scratch"),
+    (lambda c: c["generation"]["search"].update(starts=["ntl", "sophon"]), "key 'generation.search.starts' = ntl"),
+    (lambda c: c["search"].update(trials=-1), "key 'search.trials' = -1"),
 ])
 def test_bad_values_name_the_key(change, expected):
     config = base()

@@ -158,14 +158,16 @@ def test_stability_counter():
     assert classify_run([], threshold=10) == "stable"
 
 
-def test_diffusion_attack_is_registered_and_direct_only():
-    from sophon.attacks import ATTACKS, AttackSettings
+def test_diffusion_attack_runs_through_the_one_finetune_and_rejects_a_head_reset():
+    from sophon.attacks import AttackSettings, get_attack
+    from sophon.diffusion import DiffusionObjective
 
-    attack = ATTACKS["finetune_diffusion"]
-    settings = AttackSettings(method="finetune_diffusion", optimizer="adam", lr=1e-3, batch_size=4, weight_decay=0.0,
-                              epochs=2)
-    curve = attack(tiny_unet(), images(8), images(4, seed=5), settings, seed=0, device=torch.device("cpu"))
+    attack = get_attack("finetune")
+    objective = DiffusionObjective(eval_repeats=1)
+    settings = AttackSettings(optimizer="adam", lr=1e-3, batch_size=4, weight_decay=0.0, epochs=2)
+    curve = attack(tiny_unet(), images(8), images(4, seed=5), settings, seed=0, device=torch.device("cpu"),
+                   objective=objective)
     assert len(curve) == 3 and all(v > 0 for v in curve)
-    with pytest.raises(ConfigError, match="direct"):
-        attack(tiny_unet(), images(8), images(4), AttackSettings(method="finetune_diffusion", strategy="initFC+all"),
-               seed=0, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="initFC"):
+        attack(tiny_unet(), images(8), images(4), AttackSettings(strategy="initFC+all"), seed=0,
+               device=torch.device("cpu"), objective=objective)

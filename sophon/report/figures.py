@@ -100,3 +100,23 @@ def sweep(sweep_summary: dict, path) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+def envelopes(envelope_doc: dict, path, *, ylabel: str, title: str) -> None:
+    """The attacker's envelope per start: best configuration's mean vs fine-tuning epoch, ± std band over seeds."""
+    starts = envelope_doc["starts"]
+    order = [s for s in STARTS if s in starts] + [s for s in starts if s not in STARTS]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for start in order:
+        env = starts[start]
+        mean = np.asarray(env["mean"], dtype=float)
+        std = np.asarray(env["std"], dtype=float)
+        epochs = np.arange(len(mean))
+        color = COLORS.get(start)
+        ax.plot(epochs, mean, color=color, label=LABELS.get(start, start), lw=1.6)
+        ax.fill_between(epochs, mean - std, mean + std, color=ax.lines[-1].get_color(), alpha=0.18, lw=0)
+    ax.set(title=title, xlabel="fine-tuning epoch", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8, loc="best")
+    _save(fig, path)

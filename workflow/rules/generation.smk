@@ -3,7 +3,7 @@
 
 GEN = config["generation"]
 GEN_REPORT_FILES = ["summary.json", "report.md", "report.html", "mse_curves.png", "denoise_restricted.png",
-                    "denoise_original.png", "stability.png", "protect_history.png"]
+                    "denoise_original.png", "stability.png", "protect_history.png", "envelope.png"]
 
 
 def gen_split_inputs(*parts):
@@ -128,6 +128,7 @@ rule gen_report:
         stability=expand(str(layout.gen_stability("{loss}", "{seed}")),
                          loss=GEN["stability"]["losses"], seed=GEN["stability"]["seeds"]),
         histories=[str(layout.gen_history(name)) for name in layout.GEN_MODELS],
+        search=search_outputs("generation"),
         # ancient(): DVC rewrites cached files with new mtimes; a retrained model reaches the report through
         # the attack curves anyway.
         models=[ancient(path) for name in layout.GEN_MODELS for path in gen_model_inputs(name)],

@@ -1,4 +1,5 @@
-REPORT_FILES = ["summary.json", "report.md", "report.html", "restricted_accuracy.png", "protect_history.png", "sweep.png"]
+REPORT_FILES = ["summary.json", "report.md", "report.html", "restricted_accuracy.png", "protect_history.png", "sweep.png",
+                "envelope.png"]
 
 
 def report_outputs():
@@ -13,6 +14,7 @@ rule report:
         sweep=[str(layout.sweep_curve(lr)) for lr in config["sweep"]["lrs"]],
         histories=[str(layout.history(name)) for name in ("ntl", "sophon")],
         cards=[str(layout.model_dir(name) / layout.CARD) for name in layout.MODELS],
+        search=search_outputs("classification"),
     output:
         report_outputs(),
     params:

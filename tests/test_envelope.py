@@ -1,0 +1,196 @@
+"""The attacker's envelope and the numbers stated about it, on hand-made curves (no training)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sophon.envelope import (EnvelopeInputError, advantage, cost_ratio, default_target, envelope, holds, score,
+                             slice_table, steps_to_reach)
+
+
+def _env(mean, std=None):
+    return {"mean": list(mean), "std": list(std if std is not None else [0.0] * len(mean)), "config": ["c"] * len(mean)}
+
+
+# --- score ------------------------------------------------------------------------------------------------------
+
+def test_score_is_mean_over_epochs_1_to_E_oriented():
+    assert score([100.0, 10.0, 20.0, 30.0], True) == pytest.approx(20.0)
+    assert score([0.0, 1.0, 0.5, 0.3], False) == pytest.approx(-0.6)
+    with pytest.raises(EnvelopeInputError):
+        score([5.0], True)
+
+
+# --- envelope ---------------------------------------------------------------------------------------------------
+
+def test_envelope_accuracy_switches_config_mid_way():
+    runs = {
+        "fast": [[10, 50, 55, 56], [10, 54, 57, 58]],   # means 10, 52, 56, 57
+        "slow": [[10, 20, 60, 80], [10, 30, 70, 90]],   # means 10, 25, 65, 85
+    }
+    env = envelope(runs, True)
+    assert env["config"] == ["fast", "fast", "slow", "slow"]  # epoch 0 tie -> first in dict order
+    assert env["mean"] == pytest.approx([10, 52, 65, 85])
+    assert env["std"] == pytest.approx([0, 2, 5, 5])  # population std over the chosen config's seeds
+
+
+def test_envelope_mse_picks_lowest_and_single_seed_std_is_zero():
+    runs = {
+        "a": [[1.0, 0.5, 0.40, 0.35]],
+        "b": [[1.0, 0.7, 0.30, 0.20]],
+        "c": [[2.0, 0.6, 0.50, 0.10]],
+    }
+    env = envelope(runs, False)
+    assert env["config"] == ["a", "a", "b", "c"]
+    assert env["mean"] == pytest.approx([1.0, 0.5, 0.3, 0.1])
+    assert env["std"] == [0.0, 0.0, 0.0, 0.0]
+    # the same numbers read as accuracy pick the other extreme
+    assert envelope(runs, True)["config"] == ["c", "b", "c", "a"]
+
+
+def test_envelope_never_prefers_nan_and_rejects_ragged_input():
+    env = envelope({"diverged": [[1.0, float("nan"), float("nan")]], "ok": [[1.0, 0.9, 0.8]]}, False)
+    assert env["config"] == ["diverged", "ok", "ok"]
+    with pytest.raises(EnvelopeInputError):
+        envelope({"a": [[1, 2, 3]], "b": [[1, 2]]}, True)
+    with pytest.raises(EnvelopeInputError):
+        envelope({}, True)
+
+
+# --- advantage --------------------------------------------------------------------------------------------------
+
+def test_advantage_accuracy_is_sophon_minus_scratch():
+    adv = advantage(_env([10, 30, 60, 60]), _env([10, 40, 50, 55]), True)
+    assert adv["per_epoch"] == pytest.approx([0, -10, 10, 5])
+    assert adv["value"] == pytest.approx(10) and adv["epoch"] == 2
+
+
+def test_advantage_mse_is_scratch_minus_sophon_first_epoch_on_ties():
+    adv = advantage(_env([1.0, 0.5, 0.2, 0.3]), _env([1.0, 0.6, 0.4, 0.5]), False)
+    assert adv["per_epoch"] == pytest.approx([0.0, 0.1, 0.2, 0.2])
+    assert adv["value"] == pytest.approx(0.2) and adv["epoch"] == 2
+
+
+def test_advantage_negative_when_sophon_hurts_attacker():
+    adv = advantage(_env([10, 10, 11]), _env([10, 40, 50]), True)
+    assert adv["value"] == 0 and adv["epoch"] == 0
+    assert max(adv["per_epoch"][1:]) < 0
+
+
+# --- holds ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("higher_is_better", [True, False])
+def test_holds_at_the_spread_boundary(higher_is_better):
+    sign = 1.0 if higher_is_better else -1.0
+    scratch = _env([10.0, 20.0, 30.0], [0.0, 4.0, 4.0])
+    sophon_std = [0.0, 3.0, 3.0]  # spread sqrt(3^2 + 4^2) = 5 at epochs 1, 2
+    at_boundary = _env([10.0, 20.0 + sign * 5.0, 30.0 - sign * 7.0], sophon_std)
+    result = holds(at_boundary, scratch, higher_is_better)
+    assert result["holds"] is True and result["violations"] == []
+    assert isinstance(result["rule"], str) and "spread" in result["rule"]
+
+    beyond = _env([10.0, 20.0 + sign * 5.5, 30.0 + sign * 5.0], sophon_std)
+    result = holds(beyond, scratch, higher_is_better)
+    assert result["holds"] is False and result["violations"] == [1]
+    # a wider k tolerates it
+    assert holds(beyond, scratch, higher_is_better, k=1.2)["holds"] is True
+
+
+def test_holds_zero_spread_any_positive_gain_violates():
+    result = holds(_env([10.0, 20.0, 21.0]), _env([10.0, 20.0, 20.0]), True)
+    assert result == {"holds": False, "violations": [2], "rule": result["rule"]}
+
+
+# --- steps_to_reach / cost_ratio ----------------------------------------------------------------------------------
+
+def test_steps_to_reach_both_directions():
+    assert steps_to_reach([10, 30, 60, 80], 100, 60, True) == 200
+    assert steps_to_reach([10, 30, 60, 80], 100, 90, True) is None
+    assert steps_to_reach([10, 30, 60, 80], 100, 5, True) == 0
+    assert steps_to_reach([1.0, 0.5, 0.2], 7, 0.5, False) == 7
+    assert steps_to_reach([1.0, 0.5, 0.2], 7, 0.1, False) is None
+    assert steps_to_reach([float("nan"), 0.5], 7, 0.6, False) == 7
+
+
+def test_cost_ratio_min_over_configs_and_none_cases():
+    scratch = [([10, 50, 80, 90], 100), ([10, 40, 70, 75], 50)]      # reach 80 at 200 and None -> 200
+    sophon = [([10, 10, 20, 80], 100), ([10, 10, 10, 85], 300)]       # reach 80 at 300 and 900 -> 300
+    assert cost_ratio(sophon, scratch, 80, True) == pytest.approx(1.5)
+    assert cost_ratio([([10, 10, 10, 10], 100)], scratch, 80, True) is None   # Sophon never reaches it
+    assert cost_ratio(sophon, [([10, 10, 10, 10], 100)], 80, True) is None    # scratch never reaches it
+    # target met by scratch at step 0: ratio undefined unless Sophon also meets it at step 0
+    assert cost_ratio(sophon, [([90, 90], 10)], 80, True) is None
+    assert cost_ratio([([85, 90], 10)], [([90, 90], 10)], 80, True) == 1.0
+    # MSE
+    assert cost_ratio([([1.0, 0.8, 0.4], 10)], [([1.0, 0.4, 0.2], 10)], 0.5, False) == pytest.approx(2.0)
+
+
+def test_default_target():
+    assert default_target(_env([10, 50, 80, 70]), True) == pytest.approx(72.0)
+    assert default_target(_env([1.0, 0.5, 0.18, 0.2]), False) == pytest.approx(0.2)
+    assert default_target(_env([10, float("nan"), 60]), True, fraction=0.5) == pytest.approx(30.0)
+    with pytest.raises(EnvelopeInputError):
+        default_target(_env([1.0]), True, fraction=0.0)
+
+
+# --- slice_table ------------------------------------------------------------------------------------------------
+
+def _record(start, optimizer, lr, curve):
+    return {"start": start, "name": f"{optimizer}-lr{lr}", "config": {"optimizer": optimizer, "lr": lr, "batch_size": 64},
+            "curve": curve}
+
+
+def test_slice_table_on_a_planted_table():
+    records = [
+        _record("scratch", "sgd", 0.1, [10, 20, 30]),    # score 25
+        _record("scratch", "sgd", 0.01, [10, 40, 50]),   # score 45  <- best sgd
+        _record("scratch", "adam", 0.1, [10, 15, 15]),   # score 15
+        _record("scratch", "adam", 0.01, [10, 30, 40]),  # score 35  <- best adam, best lr 0.01 is sgd
+        _record("sophon", "sgd", 0.1, [10, 10, 12]),     # score 11
+        _record("sophon", "sgd", 0.01, [10, 10, 10]),    # score 10
+        _record("sophon", "adam", 0.1, [10, 60, 80]),    # score 70  <- the planted break
+        _record("sophon", "adam", 0.01, [10, 11, 11]),   # score 11
+    ]
+    by_opt = slice_table(records, "optimizer", True)
+    assert list(by_opt) == ["scratch", "sophon"]
+    assert list(by_opt["scratch"]) == ["adam", "sgd"]
+    assert by_opt["scratch"]["sgd"] == {"score": pytest.approx(45), "config": "sgd-lr0.01"}
+    assert by_opt["scratch"]["adam"] == {"score": pytest.approx(35), "config": "adam-lr0.01"}
+    assert by_opt["sophon"]["adam"] == {"score": pytest.approx(70), "config": "adam-lr0.1"}
+    assert by_opt["sophon"]["sgd"]["config"] == "sgd-lr0.1"
+
+    by_lr = slice_table(records, "lr", True)
+    assert list(by_lr["scratch"]) == [0.01, 0.1]
+    assert by_lr["scratch"][0.01]["config"] == "sgd-lr0.01"
+    assert by_lr["scratch"][0.1]["config"] == "sgd-lr0.1"
+    assert by_lr["sophon"][0.1] == {"score": pytest.approx(70), "config": "adam-lr0.1"}
+
+    assert slice_table(records, "batch_size", True)["sophon"] == {64: {"score": pytest.approx(70), "config": "adam-lr0.1"}}
+    with pytest.raises(EnvelopeInputError):
+        slice_table(records, "schedule", True)
+
+
+def test_slice_table_mse_prefers_lowest():
+    records = [_record("sophon", "sgd", 0.1, [1.0, 0.9, 0.9]), _record("sophon", "sgd", 0.01, [1.0, 0.3, 0.1])]
+    table = slice_table(records, "optimizer", False)
+    assert table["sophon"]["sgd"] == {"score": pytest.approx(-0.2), "config": "sgd-lr0.01"}
+
+
+# --- figure -----------------------------------------------------------------------------------------------------
+
+def test_envelopes_figure_writes_png(tmp_path):
+    from sophon.report.figures import envelopes
+
+    doc = {"starts": {
+        "scratch": envelope({"a": [[10, 40, 60], [10, 44, 62]]}, True),
+        "original": envelope({"a": [[12, 70, 80]]}, True),
+        "ntl": envelope({"a": [[10, 30, 50]]}, True),
+        "sophon": envelope({"a": [[10, 11, float("nan")]], "b": [[10, 12, 13]]}, True),
+    }}
+    path = tmp_path / "figs" / "envelope.png"
+    envelopes(doc, path, ylabel="restricted-domain accuracy (%)", title="attacker envelope")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert not math.isnan(doc["starts"]["sophon"]["mean"][2])
