@@ -16,8 +16,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 run: env
-	snakemake --cores $(CORES) report
-	snakemake --cores $(CORES) gen_all
+	snakemake --cores $(CORES)
 	@echo "Reports: reports/*/report.html  (browse runs: mlflow ui --backend-store-uri sqlite:///mlflow.db)"
 
 test: env

@@ -83,30 +83,44 @@ def _with_defaults(validator_class):
 
 
 def _check_names(config: dict, source: str) -> None:
-    """Names the schema cannot know: registered domains, models and attack methods."""
+    """Names the schema cannot know, per experiment: registered domains, models, attack methods, strategies."""
     from sophon.attacks import ATTACKS
     from sophon.data import domain_names
 
-    for section in ("original", "restricted"):
-        name = config[section]["domain"]
-        if name not in domain_names():
-            raise ConfigError(f"{source}: key '{section}.domain' = {name}: unknown domain; "
-                              f"known: {', '.join(domain_names())}")
-    arch = config["model"]["arch"]
-    from sophon.models import MODEL_BUILDERS
+    for experiment, exp in config["experiments"].items():
+        at = f"experiments.{experiment}"
+        for section in ("original", "restricted"):
+            name = exp[section]["domain"]
+            if name not in domain_names():
+                raise ConfigError(f"{source}: key '{at}.{section}.domain' = {name}: unknown domain; "
+                                  f"known: {', '.join(domain_names())}")
+        if exp["task"] == "classification":
+            arch = exp["model"]["arch"]
+            from sophon.models import MODEL_BUILDERS
 
-    if arch not in MODEL_BUILDERS:
-        import timm
+            if arch not in MODEL_BUILDERS:
+                import timm
 
-        if not timm.is_model(arch):
-            raise ConfigError(f"{source}: key 'model.arch' = {arch}: unknown model; use a timm model name "
-                              f"(timm.list_models()) or one of: {', '.join(sorted(MODEL_BUILDERS))}")
-    check_search(config["search"], "classification", "search", source)
-    check_search(config["generation"]["search"], "diffusion", "generation.search", source)
-    for name, attack in config["attacks"].items():
-        if attack["method"] not in ATTACKS:
-            raise ConfigError(f"{source}: key 'attacks.{name}.method' = {attack['method']}: unknown attack method; "
-                              f"known: {', '.join(sorted(ATTACKS))}")
+                if not timm.is_model(arch):
+                    raise ConfigError(f"{source}: key '{at}.model.arch' = {arch}: unknown model; use a timm model "
+                                      f"name (timm.list_models()) or one of: {', '.join(sorted(MODEL_BUILDERS))}")
+        for name, attack in exp["attacks"].items():
+            if attack.get("method", "finetune") not in ATTACKS:
+                raise ConfigError(f"{source}: key '{at}.attacks.{name}.method' = {attack['method']}: unknown attack "
+                                  f"method; known: {', '.join(sorted(ATTACKS))}")
+        check_search(exp["search"], exp["task"], f"{at}.search", source)
+
+
+def experiment(config: dict, name: str | None, source: str = "params.yaml") -> dict:
+    """One experiment of a validated config, with its name under `name`; None picks the only one."""
+    names = list(config["experiments"])
+    if name is None:
+        if len(names) != 1:
+            raise ConfigError(f"{source} holds the experiments {', '.join(names)}: name one with --experiment")
+        name = names[0]
+    if name not in config["experiments"]:
+        raise ConfigError(f"--experiment {name!r} is not in {source}; its experiments: {', '.join(names)}")
+    return {**config["experiments"][name], "name": name}
 
 
 STARTS_BY_TASK = {"classification": ("original", "ntl", "sophon"), "diffusion": ("original", "sophon")}

@@ -1,94 +1,78 @@
-"""Where every stage reads and writes: one place, used by the stages, the Snakemake rules and the
-tests (dvc.yaml spells the same paths out; tests/test_orchestrators.py keeps them in agreement)."""
+"""Where every stage reads and writes: one place, used by the stages, the Snakemake rules and the tests
+(dvc.yaml spells the same paths out; tests/test_orchestrators.py keeps them in agreement).
+
+Every path carries the experiment's name, so experiments (the two quick ones, the paper profile, a user's
+variant) sit side by side and never overwrite each other:
+
+    data/<experiment>/…   models/<experiment>/<model>/…   results/<experiment>/<stage>/…   reports/<experiment>/…
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-SPLIT_PARTS = ("original_train", "original_test", "defender", "adversary", "restricted_test")
-MODELS = ("original", "ntl", "sophon")
-STARTS = ("scratch", "original", "ntl", "sophon")
 WEIGHTS, CARD = "model.safetensors", "model.json"
+SPLIT_PARTS = ("original_train", "original_val", "original_test", "defender", "adversary", "restricted_test")
+# Every start an attack can take; a task serves a subset (sophon.tasks).
+STARTS = ("scratch", "original", "ntl", "sophon")
 
 
-def split_part(part: str) -> Path:
-    return Path("data/splits") / f"{part}.safetensors"
+def split_part(experiment: str, part: str) -> Path:
+    return Path("data") / experiment / f"{part}.safetensors"
 
 
-def split_manifest() -> Path:
-    return Path("data/splits/manifest.json")
+def split_manifest(experiment: str) -> Path:
+    return Path("data") / experiment / "manifest.json"
 
 
-def model_dir(name: str) -> Path:
-    return Path("models") / name
+def model_dir(experiment: str, name: str) -> Path:
+    return Path("models") / experiment / name
 
 
-def model_files(name: str) -> list[Path]:
-    return [model_dir(name) / WEIGHTS, model_dir(name) / CARD]
+def model_files(experiment: str, name: str) -> list[Path]:
+    return [model_dir(experiment, name) / WEIGHTS, model_dir(experiment, name) / CARD]
 
 
-def history(name: str) -> Path:
-    return Path("results/training") / f"{name}.json"
+def results(experiment: str) -> Path:
+    return Path("results") / experiment
 
 
-def sweep_curve(lr) -> Path:
-    return Path("results/sweep") / f"lr_{lr}.json"
+def history(experiment: str, name: str) -> Path:
+    """A trained model's history (pretrain, NTL, protect)."""
+    return results(experiment) / "training" / f"{name}.json"
 
 
-def attack_curve(attack: str, start: str, seed) -> Path:
-    return Path("results/attacks") / attack / start / f"seed_{seed}.json"
+def sweep_curve(experiment: str, lr) -> Path:
+    return results(experiment) / "sweep" / f"lr_{lr}.json"
+
+
+def attack_curve(experiment: str, attack: str, start: str, seed) -> Path:
+    return results(experiment) / "attacks" / attack / start / f"seed_{seed}.json"
+
+
+def stability(experiment: str, loss: str, seed) -> Path:
+    return results(experiment) / "stability" / loss / f"seed_{seed}.json"
 
 
 def search_result(experiment: str, start: str) -> Path:
-    """One start's attack search (`experiment` is classification or generation)."""
-    return Path("results/search") / experiment / f"{start}.json"
+    """One start's attack search."""
+    return results(experiment) / "search" / f"{start}.json"
 
 
-def search_cache(experiment_name: str) -> Path:
+def search_cache(experiment: str) -> Path:
     """Finished search runs by content key (sophon.search.RunCache); not a pipeline output, so never deleted by it."""
-    return Path(".cache/search") / experiment_name
+    return Path(".cache/search") / experiment
+
+
+# The report's figures per task (reports/<experiment>/<figure>.png).
+REPORT_FIGURES = {"classification": ("restricted_accuracy", "protect_history", "sweep", "envelope"),
+                  "diffusion": ("mse_curves", "denoise_restricted", "denoise_original", "stability", "protect_history",
+                                "envelope")}
 
 
 def report_dir(experiment: str) -> Path:
     return Path("reports") / experiment
 
 
-# --- the generation (diffusion) experiment: its own folders under a `generation` prefix ----------------------
-
-GEN_SPLIT_PARTS = ("original_train", "original_val", "original_test", "defender", "adversary", "restricted_test")
-GEN_MODELS = ("original", "sophon")
-GEN_STARTS = ("scratch", "original", "sophon")
-GEN_SUPPRESSIONS = ("dos", "neg_mse")
-
-
-def gen_split_part(part: str) -> Path:
-    return Path("data/generation") / f"{part}.safetensors"
-
-
-def gen_split_manifest() -> Path:
-    return Path("data/generation/manifest.json")
-
-
-def gen_model_dir(name: str) -> Path:
-    return Path("models/generation") / name
-
-
-def gen_model_files(name: str) -> list[Path]:
-    return [gen_model_dir(name) / WEIGHTS, gen_model_dir(name) / CARD]
-
-
-def gen_history(name: str) -> Path:
-    return Path("results/generation/training") / f"{name}.json"
-
-
-def gen_attack_curve(attack: str, start: str, seed) -> Path:
-    return Path("results/generation/attacks") / attack / start / f"seed_{seed}.json"
-
-
-def gen_attack_denoised(attack: str, start: str, seed) -> Path:
-    """The fine-tuned model's denoising of the figure's restricted test images (for the report's figure)."""
-    return Path("results/generation/attacks") / attack / start / f"seed_{seed}.denoised.safetensors"
-
-
-def gen_stability(loss: str, seed) -> Path:
-    return Path("results/generation/stability") / loss / f"seed_{seed}.json"
+def log(experiment: str, name: str) -> Path:
+    return Path("logs") / experiment / f"{name}.log"

@@ -1,76 +1,90 @@
-"""Stage `attack` (and `sweep`): fine-tune a starting point on the adversary's half, test after every epoch.
+"""Stage `attack` (and `sweep`): fine-tune a starting point on the adversary's half and measure the restricted
+test metric after every epoch (accuracy for a classifier, fixed-noise MSE for a diffusion UNet).
 
-    python -m stages.attack --attack direct_all --start sophon --seed 0   # one cell of the attack grid
-    python -m stages.attack --sweep-lr 0.01                              # one learning rate of the sweep
+    python -m stages.attack --experiment quick-classification --attack direct_all --start sophon --seed 0
+    python -m stages.attack --experiment quick-classification --sweep-lr 0.01   # one lr of the sweep
 """
 
 import time
 
 from sophon import layout
 from sophon.attacks import AttackSettings, best_lr, get_attack
-from sophon.data.splits import load_part
 from sophon.errors import ConfigError
 from sophon.io import read_json, write_json
-from sophon.models import build_classifier, load_classifier
+from sophon.tasks import load_model, new_model, task_of
 from sophon.tracking import stage_run
 from sophon.train import seed_everything
-from stages.common import parser, run, setup
+from stages.common import parser, parts, run, setup
 
 
-def resolve_lr(config: dict, attack: dict) -> float:
+def resolve_lr(exp: dict, attack: dict) -> float:
     if attack["lr"] != "auto":
         return attack["lr"]
-    curves = {lr: read_json(layout.sweep_curve(lr))["restricted_accuracy"] for lr in config["sweep"]["lrs"]}
+    curves = {lr: read_json(layout.sweep_curve(exp["name"], lr))["restricted_accuracy"] for lr in exp["sweep"]["lrs"]}
     return best_lr(curves)
 
 
-def main() -> None:
-    p = parser(__doc__)
-    p.add_argument("--attack", help="an attack name from params.yaml's attacks")
-    p.add_argument("--start", choices=layout.STARTS, default="original")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--sweep-lr", type=float, help="run the learning-rate sweep at this lr instead")
-    args = p.parse_args()
-    config, device = setup(args)
+def chosen_attack(exp: dict, args) -> tuple[str, str, int, dict, object]:
+    """(name, start, seed, settings dict, output path) of the sweep point or attack cell asked for."""
     if args.sweep_lr is not None:
-        sweep = config["sweep"]
+        if "sweep" not in exp:
+            raise ConfigError(f"experiment {exp['name']} has no sweep")
+        sweep = exp["sweep"]
         lrs = {float(lr): lr for lr in sweep["lrs"]}
         if args.sweep_lr not in lrs:
             raise ConfigError(f"--sweep-lr {args.sweep_lr} is not in sweep.lrs {sweep['lrs']}")
         attack = {k: sweep[k] for k in ("strategy", "optimizer", "batch_size", "weight_decay", "epochs")}
         attack.update(method="finetune", lr=lrs[args.sweep_lr])
-        name, start, seed, out = "sweep", "original", sweep["seed"], layout.sweep_curve(lrs[args.sweep_lr])
-    else:
-        if args.attack not in config["attacks"]:
-            raise ConfigError(f"--attack {args.attack!r} is not in params.yaml's attacks: {', '.join(config['attacks'])}")
-        if args.seed is None:
-            raise ConfigError("--seed is required with --attack")
-        attack = dict(config["attacks"][args.attack])
-        attack["lr"] = resolve_lr(config, attack)
-        name, start, seed, out = args.attack, args.start, args.seed, layout.attack_curve(args.attack, args.start, args.seed)
+        return "sweep", "original", sweep["seed"], attack, layout.sweep_curve(exp["name"], lrs[args.sweep_lr])
+    if args.attack not in exp["attacks"]:
+        raise ConfigError(f"--attack {args.attack!r} is not in the attacks of {exp['name']}: {', '.join(exp['attacks'])}")
+    if args.seed is None or args.start is None:
+        raise ConfigError("--start and --seed are required with --attack")
+    if args.start not in task_of(exp).starts:
+        raise ConfigError(f"--start {args.start!r}: a {exp['task']} experiment starts from {', '.join(task_of(exp).starts)}")
+    attack = dict(exp["attacks"][args.attack])
+    attack["lr"] = resolve_lr(exp, attack)
+    return (args.attack, args.start, args.seed, attack,
+            layout.attack_curve(exp["name"], args.attack, args.start, args.seed))
 
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--attack", help="an attack name of the experiment's attacks")
+    p.add_argument("--start", choices=layout.STARTS)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--sweep-lr", type=float, help="run the learning-rate sweep at this lr instead")
+    args = p.parse_args()
+    exp, device = setup(args)
+    task = task_of(exp)
+    name, start, seed, attack, out = chosen_attack(exp, args)
     settings = AttackSettings(**attack)
-    manifest = layout.split_manifest()
-    adversary, test = load_part(layout.split_part("adversary"), manifest), load_part(layout.split_part("restricted_test"), manifest)
+    adversary, test = parts(exp, "adversary", "restricted_test")
     seed_everything(seed)
-    if start == "scratch":
-        model = build_classifier(config["model"]["arch"], config["model"]["num_classes"], config["data"]["channels"])
-    else:
-        model, _ = load_classifier(layout.model_dir(start))
-    model.to(device)
+    model = new_model(exp, seed, device) if start == "scratch" else load_model(exp, start, device)[0]
+    objective = task.objective(exp, device)
     run_name = f"{name}/{start}/seed{seed}" if name != "sweep" else f"sweep/lr{settings.lr}"
-    with stage_run("sweep" if name == "sweep" else "attack", config["experiment"], name=run_name,
+    with stage_run("sweep" if name == "sweep" else "attack", exp["name"], name=run_name,
                    params={"attack": name, "start": start, "seed": seed, **attack},
                    tags={"sophon.attack": name, "sophon.start": start}) as tracked:
         began = time.perf_counter()
         curve = get_attack(settings.method)(
             model, adversary, test, settings, seed=seed, device=device, from_scratch=start == "scratch",
-            on_epoch=lambda epoch, acc: tracked.log_metric("restricted_accuracy", acc, step=epoch))
+            objective=objective, on_epoch=lambda epoch, value: tracked.log_metric(task.metric, value, step=epoch))
         seconds = time.perf_counter() - began
-        write_json(out, {"attack": name, "start": start, "seed": seed, "settings": attack,
-                         "restricted_accuracy": curve, "seconds": seconds})
+        document = {"attack": name, "start": start, "seed": seed, "settings": attack, task.metric: curve,
+                    "seconds": seconds}
+        if exp["task"] == "diffusion":  # the fine-tuned model's denoisings for the report's figure
+            from sophon.diffusion import denoise_figure_batch
+
+            figure = exp["report"]
+            images = denoise_figure_batch(model, objective.scheduler, test, figure["images"],
+                                          figure["denoise_timestep"], exp["eval"]["seed"], device)
+            document["denoised"] = {"timestep": figure["denoise_timestep"], "shape": list(images.shape),
+                                    "uint8": images.flatten().tolist()}
+        write_json(out, document)
         tracked.log_metric("seconds", seconds)
-    print(f"{run_name}: lr {settings.lr}, restricted accuracy epoch 0 {curve[0]:.1f}% → epoch {len(curve) - 1} {curve[-1]:.1f}%")
+    print(f"{run_name}: lr {settings.lr}, {task.metric} epoch 0 {curve[0]:.4g} → epoch {len(curve) - 1} {curve[-1]:.4g}")
 
 
 if __name__ == "__main__":

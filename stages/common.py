@@ -9,25 +9,37 @@ import sys
 
 import torch
 
-from sophon.config import load_params
+from sophon.config import experiment, load_params
 from sophon.errors import SophonError
 from sophon.train import resolve_device
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml", help="the pipeline config (default: params.yaml)")
+    p.add_argument("--experiment", help="an experiment of the config (default: its only one)")
     return p
 
 
 def setup(args) -> tuple[dict, torch.device]:
-    """Validate the config, pin torch threads to the orchestrator's share, pick the device."""
+    """Validate the config, pick the experiment, pin torch threads to the orchestrator's share, pick the device.
+    Returns the experiment (its section of params.yaml, its name under `name`) and the device."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     config = load_params(args.params)
+    chosen = experiment(config, args.experiment, args.params)
     # Snakemake sets OMP_NUM_THREADS to the rule's `threads:`; DVC runs one stage at a time with config.threads.
     threads = int(os.environ.get("OMP_NUM_THREADS") or config["threads"])
     torch.set_num_threads(max(1, threads))
-    return config, resolve_device(config["device"])
+    return chosen, resolve_device(config["device"])
+
+
+def parts(exp: dict, *names: str):
+    """Split parts of the experiment, each checked against the split manifest."""
+    from sophon import layout
+    from sophon.data.splits import load_part
+
+    manifest = layout.split_manifest(exp["name"])
+    return [load_part(layout.split_part(exp["name"], name), manifest) for name in names]
 
 
 def run(main) -> None:

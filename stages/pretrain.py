@@ -1,52 +1,49 @@
-"""Stage `pretrain`: train the original model on the original domain (Adam, one-cycle schedule)."""
+"""Stage `pretrain`: train the original model on the original domain (Adam, one-cycle schedule) with the task's
+loss: cross-entropy for a classifier, noise-prediction MSE (t uniform per example) for a diffusion UNet.
+
+    python -m stages.pretrain --experiment quick-generation
+"""
+
+import time
 
 import torch
 
 from sophon import layout
-from sophon.data.splits import load_part
-from sophon.io import config_hash
-from sophon.models import DEFAULT_NORMALIZATION, build_classifier, save_checkpoint
+from sophon.io import write_json
+from sophon.tasks import new_model, task_of
 from sophon.tracking import stage_run
-from sophon.train import evaluate_accuracy, seed_everything, train_epochs
-from stages.common import parser, run, setup
-
-
-def model_card(config: dict, stage: str, extra: dict | None = None) -> dict:
-    """The JSON card written beside every classifier checkpoint."""
-    data = config["data"]
-    return {"kind": "classifier", "architecture": config["model"]["arch"], "num_classes": config["model"]["num_classes"],
-            "in_chans": data["channels"], "input_size": [data["channels"], data["image_size"], data["image_size"]],
-            "normalization": DEFAULT_NORMALIZATION, "domains": {"original": config["original"]["domain"],
-                                                               "restricted": config["restricted"]["domain"]},
-            "stage": stage, "config_hash": config_hash({k: config[k] for k in ("data", "original", "restricted",
-                                                                               "model", "pretrain", stage)
-                                                        if k in config}), **(extra or {})}
+from sophon.train import seed_everything, train_epochs
+from stages.common import parser, parts, run, setup
 
 
 def main() -> None:
     args = parser(__doc__).parse_args()
-    config, device = setup(args)
-    settings = config["pretrain"]
-    manifest = layout.split_manifest()
-    train, test = load_part(layout.split_part("original_train"), manifest), load_part(layout.split_part("original_test"), manifest)
-    generator = seed_everything(settings["seed"])
-    model = build_classifier(config["model"]["arch"], config["model"]["num_classes"], config["data"]["channels"]).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"])
-    steps_per_epoch = -(-len(train) // settings["batch_size"])
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings["lr"],
-                                                    total_steps=settings["epochs"] * steps_per_epoch)
-    with stage_run("pretrain", config["experiment"], params={"pretrain": settings, "model": config["model"]}) as tracked:
+    exp, device = setup(args)
+    task, cfg, name = task_of(exp), exp["pretrain"], exp["name"]
+    train, val, test, restricted_test = parts(exp, "original_train", "original_val", "original_test", "restricted_test")
+    generator = seed_everything(cfg["seed"])
+    model = new_model(exp, cfg["seed"], device)
+    objective = task.objective(exp, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    steps = cfg["epochs"] * -(-len(train) // cfg["batch_size"])
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg["lr"], total_steps=steps)
+    quality = "accuracy" if objective.higher_is_better else "mse"
+    began = time.perf_counter()
+    with stage_run("pretrain", name, params={"pretrain": cfg, "model": exp.get("model") or exp.get("unet")}) as tracked:
         def on_epoch(epoch):
-            tracked.log_metric("original_test_accuracy", evaluate_accuracy(model, test, device), step=epoch)
+            tracked.log_metric(f"original_val_{quality}", objective.quality(model, val, device), step=epoch)
 
-        train_epochs(model, train, optimizer, epochs=settings["epochs"], batch_size=settings["batch_size"],
-                     generator=generator, device=device, scheduler=scheduler, on_epoch=on_epoch, desc="pretrain")
-        accuracy = evaluate_accuracy(model, test, device)
-        save_checkpoint(model.cpu(), layout.model_dir("original"),
-                        model_card(config, "pretrain", {"original_test_accuracy": accuracy}))
-        tracked.log_metric("final_original_accuracy", accuracy)
-        tracked.log_artifact(layout.model_dir("original") / layout.CARD)
-    print(f"original model: {accuracy:.2f}% on the original test set")
+        losses = train_epochs(model, train, optimizer, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+                              generator=generator, device=device, scheduler=schedule, on_epoch=on_epoch,
+                              loss=objective.finetune_loss, desc="pretrain")
+        metrics = {f"original_test_{quality}": objective.quality(model, test, device),
+                   f"restricted_test_{quality}": objective.quality(model, restricted_test, device)}
+        seconds = time.perf_counter() - began
+        task.save(model, exp, "original", "pretrain", metrics)
+        write_json(layout.history(name, "original"), {"settings": cfg, "train_loss": losses, **metrics, "seconds": seconds})
+        tracked.log_metrics({**metrics, "seconds": seconds})
+        tracked.log_artifact(layout.model_dir(name, "original") / layout.CARD)
+    print(f"original model: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f" ({seconds:.0f} s)")
 
 
 if __name__ == "__main__":

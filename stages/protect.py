@@ -1,49 +1,64 @@
-"""Stage `protect`: Sophon — make the original model non-fine-tunable on the restricted domain."""
+"""Stage `protect`: Sophon (paper Algorithm 1) for either task: fine-tuning suppression after simulated
+fine-tuning on the defender's half (ICE/KLU for a classifier, DoS for a diffusion UNet), alternated with normal
+training reinforcement on the original domain (sophon.protect, one loop for both).
+
+    python -m stages.protect --experiment quick-classification
+"""
 
 import dataclasses
+import time
 
 from sophon import layout
-from sophon.data.splits import load_part
 from sophon.io import write_json
-from sophon.models import load_classifier, save_checkpoint
-from sophon.objectives import ClassificationObjective
 from sophon.protect import ProtectSettings, protect
+from sophon.tasks import load_model, task_of
 from sophon.tracking import stage_run
-from sophon.train import evaluate_accuracy, seed_everything
-from stages.common import parser, run, setup
-from stages.pretrain import model_card
+from sophon.train import seed_everything
+from stages.common import parser, parts, run, setup
+
+
+def protect_settings(exp: dict, **changes) -> ProtectSettings:
+    """ProtectSettings from the experiment's `sophon` section; a UNet is only ever fine-tuned directly."""
+    cfg = exp["sophon"]
+    fields = {f.name for f in dataclasses.fields(ProtectSettings)}
+    values = {k: v for k, v in cfg.items() if k in fields}
+    if exp["task"] == "diffusion":
+        values["task_space"] = {"starts": ["direct"], **cfg["task_space"]}
+    values.update(changes)
+    return ProtectSettings(**values)
 
 
 def main() -> None:
     args = parser(__doc__).parse_args()
-    config, device = setup(args)
-    cfg = config["sophon"]
-    manifest = layout.split_manifest()
-    original_train, original_test, defender, restricted_test = (
-        load_part(layout.split_part(p), manifest) for p in ("original_train", "original_test", "defender", "restricted_test"))
-    model, _ = load_classifier(layout.model_dir("original"), device)
+    exp, device = setup(args)
+    task, cfg, name = task_of(exp), exp["sophon"], exp["name"]
+    original_train, original_val, original_test, defender, restricted_test = parts(
+        exp, "original_train", "original_val", "original_test", "defender", "restricted_test")
+    model, _ = load_model(exp, "original", device)
     seed_everything(cfg["seed"])
-    fields = {f.name for f in dataclasses.fields(ProtectSettings)}
-    settings = ProtectSettings(**{k: v for k, v in cfg.items() if k in fields})
-    objective = ClassificationObjective(cfg["suppression"], device)
-    with stage_run("protect", config["experiment"], params={"sophon": cfg}) as tracked:
-        def on_check(check):
-            tracked.log_metrics({"original_accuracy": check["quality"], "suppression_loss": check["suppression_loss"],
-                                 "rolled_back": int(check["rolled_back"])}, step=check["loop"])
+    settings = protect_settings(exp)
+    objective = task.objective(exp, device)
+    quality = "accuracy" if objective.higher_is_better else "mse"
+    began = time.perf_counter()
+    with stage_run("protect", name, params={"sophon": cfg}) as tracked:
+        def on_check(point):
+            tracked.log_metrics({f"original_val_{quality}": point["quality"],
+                                 "suppression_loss": point["suppression_loss"],
+                                 "rolled_back": int(point["rolled_back"])}, step=point["loop"])
 
-        history = protect(model, objective, defender, original_train, original_test, settings, seed=cfg["seed"],
+        history = protect(model, objective, defender, original_train, original_val, settings, seed=cfg["seed"],
                           device=device, on_check=on_check)
-        original_acc = evaluate_accuracy(model, original_test, device)
-        restricted_acc = evaluate_accuracy(model, restricted_test, device)
-        tracked.log_metrics({"final_original_accuracy": original_acc, "restricted_accuracy": restricted_acc,
-                             "rollbacks": history.rollbacks, "nonfinite_loops": history.nonfinite})
-        write_json(layout.history("sophon"), {"settings": dataclasses.asdict(settings), **dataclasses.asdict(history),
-                                              "original_accuracy": original_acc, "restricted_accuracy": restricted_acc})
-        save_checkpoint(model.cpu(), layout.model_dir("sophon"),
-                        model_card(config, "sophon", {"original_test_accuracy": original_acc, "suppression": cfg["suppression"]}))
-        tracked.log_artifact(layout.model_dir("sophon") / layout.CARD)
-    print(f"Sophon model: original {original_acc:.2f}%, restricted (before fine-tuning) {restricted_acc:.2f}%, "
-          f"{history.rollbacks} rollbacks")
+        metrics = {f"original_test_{quality}": objective.quality(model, original_test, device),
+                   f"restricted_test_{quality}": objective.quality(model, restricted_test, device)}
+        seconds = time.perf_counter() - began
+        tracked.log_metrics({**metrics, "rollbacks": history.rollbacks, "nonfinite_loops": history.nonfinite,
+                             "seconds": seconds})
+        write_json(layout.history(name, "sophon"), {"settings": dataclasses.asdict(settings),
+                                                    **dataclasses.asdict(history), **metrics, "seconds": seconds})
+        task.save(model, exp, "sophon", "sophon", {**metrics, "suppression": cfg["suppression"]})
+        tracked.log_artifact(layout.model_dir(name, "sophon") / layout.CARD)
+    print(f"Sophon model: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+          + f", {history.rollbacks} rollbacks ({seconds:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -1,52 +1,74 @@
-"""Stage `report`: aggregate the attack grid over seeds, judge the protection, write summary, figures and report.
+"""Stage `report`: one experiment's report — summary.json, report.md, a self-contained report.html, figures and
+curves/<attack>.csv (per-epoch means, for DVC plots) in reports/<experiment>/.
 
-    python -m stages.report [--params params.yaml]
+    python -m stages.report --experiment quick-classification
 
-Writes into reports/<experiment>/: summary.json, report.md, report.html, restricted_accuracy.png,
-protect_history.png, sweep.png, envelope.png and curves/<attack>.csv (per-epoch means, for DVC plots). Every input named by
-params.yaml must exist; only a baseline that never ran at all is skipped (an attack start whose folder is absent,
-the NTL model and history), and the report says so.
+Classification: the paired attack tables (paper Table I), the lr sweep, the NTL and Sophon training, the
+verdicts. Diffusion: MSE-k tables (Table II), the denoising figures (Fig. 5, 6) and the stability study (Fig. 14).
+Both: the attack search's envelope verdict. Every input the config names must exist; for classification only a
+baseline that never ran at all (an attack start's folder, the NTL model) is skipped, and the report says so.
 """
 
 import csv
 import io
 import logging
 
+import numpy as np
+
 from sophon import layout
 from sophon.io import write_json, write_text
 from sophon.models import read_card
 from sophon.report import figures
+from sophon.report import generation as gen_report
 from sophon.report import search as search_report
-from sophon.report.aggregate import build_summary, means, read_input
+from sophon.report.aggregate import ReportInputError, build_summary, means, read_input
 from sophon.report.render import attack_table, build_document, render_html, render_markdown, render_text, verdict_lines
+from sophon.tasks import load_model, task_of
 from sophon.tracking import stage_run
-from stages.common import parser, run, setup
+from stages.common import parser, parts, run, setup
 
 log = logging.getLogger("sophon.report")
-FIGURES = {"restricted_accuracy": "restricted_accuracy.png", "protect_history": "protect_history.png", "sweep": "sweep.png"}
 
 
+def figure_paths(exp: dict) -> dict:
+    out = layout.report_dir(exp["name"])
+    return {key: out / f"{key}.png" for key in layout.REPORT_FIGURES[exp["task"]]}
 
-def load_inputs(config: dict) -> dict:
-    """Everything the report reads, as keyword arguments of build_summary."""
-    attack_docs = {}
-    for attack in config["attacks"]:
+
+def write_common(exp: dict, summary: dict, document, images: dict, csvs: dict[str, str], tracked) -> None:
+    out = layout.report_dir(exp["name"])
+    write_json(out / "summary.json", summary)
+    for name, text in csvs.items():
+        write_text(out / "curves" / f"{name}.csv", text)
+    write_text(out / "report.md", render_markdown(document))
+    write_text(out / "report.html", render_html(document))
+    for path in [*images.values(), out / "summary.json", out / "report.html", out / "report.md"]:
+        tracked.log_artifact(path, "report")
+
+
+# --- classification ------------------------------------------------------------------------------------------
+
+def classification_inputs(exp: dict) -> dict:
+    """Everything the classification report reads, as keyword arguments of build_summary."""
+    name, attack_docs = exp["name"], {}
+    for attack in exp["attacks"]:
         attack_docs[attack] = {}
         for start in layout.STARTS:
-            if not layout.attack_curve(attack, start, 0).parent.exists():
+            if not layout.attack_curve(name, attack, start, 0).parent.exists():
                 log.warning("no curves for attack %s from %s: that start is left out of the report", attack, start)
                 continue
-            attack_docs[attack][start] = [read_input(layout.attack_curve(attack, start, s)) for s in config["seeds"]]
-    cards = {m: read_card(layout.model_dir(m)) for m in layout.MODELS if m != "ntl" or layout.model_dir(m).exists()}
-    ntl_history = layout.history("ntl")
+            attack_docs[attack][start] = [read_input(layout.attack_curve(name, attack, start, s)) for s in exp["seeds"]]
+    models = [m for m in task_of(exp).models() if m != "ntl" or layout.model_dir(name, m).exists()]
+    cards = {m: read_card(layout.model_dir(name, m)) for m in models}
+    ntl_history = layout.history(name, "ntl")
     return {"attack_docs": attack_docs,
-            "sweep_docs": {lr: read_input(layout.sweep_curve(lr)) for lr in config["sweep"]["lrs"]},
+            "sweep_docs": {lr: read_input(layout.sweep_curve(name, lr)) for lr in exp["sweep"]["lrs"]},
             "original_accuracy": {m: card["original_test_accuracy"] for m, card in cards.items()},
-            "sophon_history": read_input(layout.history("sophon")),
+            "sophon_history": read_input(layout.history(name, "sophon")),
             "ntl_history": read_input(ntl_history) if ntl_history.exists() else None}
 
 
-def curves_csv(entry: dict) -> str:
+def accuracy_csv(entry: dict) -> str:
     """Per-epoch mean restricted accuracy, one column per start (empty where a start is missing)."""
     columns = {start: means(stats) for start, stats in entry["restricted_accuracy"].items()}
     buffer = io.StringIO()
@@ -70,36 +92,110 @@ def headline_metrics(summary: dict) -> dict:
     return metrics
 
 
-def main() -> None:
-    args = parser(__doc__).parse_args()
-    config, _ = setup(args)
-    inputs = load_inputs(config)
-    summary = build_summary(config, **inputs)
-    out = layout.report_dir(config["experiment"])
-    images = {key: out / name for key, name in FIGURES.items()}
-    summary["envelope"], search_section, images["envelope"] = search_report.build(
-        config["search"], "classification", out, config["report"]["epochs"])
-    with stage_run("report", config["experiment"], params={"attacks": ",".join(config["attacks"]),
-                                                           "seeds": config["seeds"], "sweep_lrs": config["sweep"]["lrs"]}) as tracked:
-        write_json(out / "summary.json", summary)
+def classification_report(exp: dict, device) -> tuple[dict, list[str]]:
+    inputs = classification_inputs(exp)
+    summary = build_summary(exp, **inputs)
+    images = figure_paths(exp)
+    summary["envelope"], search_section, _ = search_report.build(exp["search"], exp["name"], images["envelope"].parent,
+                                                                 exp["report"]["epochs"])
+    with stage_run("report", exp["name"], params={"attacks": ",".join(exp["attacks"]), "seeds": exp["seeds"],
+                                                  "sweep_lrs": exp["sweep"]["lrs"]}) as tracked:
         figures.restricted_accuracy(summary, images["restricted_accuracy"])
         figures.protect_history(inputs["sophon_history"], images["protect_history"])
         figures.sweep(summary["sweep"], images["sweep"])
-        for name, entry in summary["attacks"].items():
-            write_text(out / "curves" / f"{name}.csv", curves_csv(entry))
-        document = build_document(summary, config["report"]["epochs"], images)
+        document = build_document(summary, exp["report"]["epochs"], images)
         document.sections.insert(1, search_section)
-        write_text(out / "report.md", render_markdown(document))
-        write_text(out / "report.html", render_html(document))
-        for path in [*images.values(), out / "summary.json", out / "report.html", out / "report.md"]:
-            tracked.log_artifact(path, "report")
-        tracked.log_metrics(headline_metrics(summary))
-    first = next(iter(config["attacks"]))
-    print(render_text(attack_table(summary, first, config["report"]["epochs"])))
-    print()
-    print("\n".join(verdict_lines(summary)))
-    print(search_report.verdict_line(summary["envelope"]))
-    print(f"\nreport: {out / 'report.html'}")
+        write_common(exp, summary, document, images,
+                     {name: accuracy_csv(entry) for name, entry in summary["attacks"].items()}, tracked)
+        tracked.log_metrics({**headline_metrics(summary), "envelope_holds": int(summary["envelope"].get("holds", 0))})
+    first = next(iter(exp["attacks"]))
+    return summary, [render_text(attack_table(summary, first, exp["report"]["epochs"])), "",
+                     *verdict_lines(summary), search_report.verdict_line(summary["envelope"])]
+
+
+# --- diffusion -----------------------------------------------------------------------------------------------
+
+def denoised_rows(exp: dict, device) -> tuple[list, list]:
+    """Rows of the two denoising figures: clean, noised, then each model's one-step denoising."""
+    from sophon.diffusion import denoise_figure_batch, figure_batch, make_scheduler, to_uint8
+
+    figure, seed = exp["report"], exp["eval"]["seed"]
+    count, t = figure["images"], figure["denoise_timestep"]
+    scheduler = make_scheduler()
+    names = task_of(exp).models()
+    models = {name: load_model(exp, name, device)[0] for name in names}
+    rows = {}
+    for part, data in zip(("restricted_test", "original_test"), parts(exp, "restricted_test", "original_test")):
+        x0, x_t, _ = figure_batch(data, count, t, seed)
+        rows[part] = [("clean", to_uint8(x0).numpy()), (f"noised (t={t})", to_uint8(x_t).numpy())]
+        for name in names:
+            label = f"{name} model" if part == "original_test" else f"{name} (no fine-tuning)"
+            rows[part].append((label, denoise_figure_batch(models[name], scheduler, data, count, t, seed, device).numpy()))
+    attack, first_seed = next(iter(exp["attacks"])), exp["seeds"][0]
+    for start in task_of(exp).starts:
+        path = layout.attack_curve(exp["name"], attack, start, first_seed)
+        denoised = read_input(path).get("denoised")
+        if denoised is None:
+            raise ReportInputError(f"report input {path} holds no denoised images (rerun the attack stage)")
+        images = np.asarray(denoised["uint8"], dtype=np.uint8).reshape(denoised["shape"])
+        rows["restricted_test"].append((f"fine-tuned {start}", images))
+    return rows["restricted_test"], rows["original_test"]
+
+
+def diffusion_report(exp: dict, device) -> tuple[dict, list[str]]:
+    name, task = exp["name"], task_of(exp)
+    curves = {attack: {start: [read_input(layout.attack_curve(name, attack, start, s)) for s in exp["seeds"]]
+                       for start in task.starts} for attack in exp["attacks"]}
+    cards = {m: read_card(layout.model_dir(name, m)) for m in task.models()}
+    histories = {m: read_input(layout.history(name, m)) for m in task.models()}
+    stability = {loss: [read_input(layout.stability(name, loss, s)) for s in exp["stability"]["seeds"]]
+                 for loss in exp["stability"]["losses"]}
+    summary = gen_report.summarize(experiment=name, seeds=exp["seeds"], attacks=exp["attacks"], curves=curves,
+                                   cards=cards, histories=histories, stability=stability, report=exp["report"])
+    images = figure_paths(exp)
+    summary["envelope"], search_section, _ = search_report.build(exp["search"], name, images["envelope"].parent,
+                                                                 exp["report"]["epochs"])
+    restricted_rows, original_rows = denoised_rows(exp, device)
+    t, sophon = exp["report"]["denoise_timestep"], exp["sophon"]
+    notes = [f"Original domain: {exp['original']['domain']}; restricted domain: {exp['restricted']['domain']}; images "
+             f"{exp['data']['image_size']}×{exp['data']['image_size']}, {exp['data']['channels']} channel(s).",
+             f"UNet: {exp['unet']}; {cards['original'].get('num_parameters')} parameters.",
+             f"Fixed-noise evaluation: every test image noised {exp['eval']['repeats']} times with (noise, t) from seed "
+             f"{exp['eval']['seed']}, t uniform in 0..999.",
+             f"Sophon: suppression {sophon['suppression']}, {sophon['loops']} loops, alpha {sophon['alpha']}, beta "
+             f"{sophon['beta']}, {sophon['inner_steps']} inner steps."]
+    with stage_run("report", name, params={"attacks": ",".join(exp["attacks"]), "seeds": exp["seeds"],
+                                           "report": exp["report"]}) as tracked:
+        gen_report.mse_curves(summary, images["mse_curves"])
+        gen_report.image_grid(restricted_rows, images["denoise_restricted"],
+                              f"restricted domain ({exp['restricted']['domain']}): noised at t={t}, denoised in one step")
+        gen_report.image_grid(original_rows, images["denoise_original"],
+                              f"original domain ({exp['original']['domain']}): noised at t={t}, denoised in one step")
+        gen_report.stability(summary, stability, images["stability"])
+        gen_report.protect_history(histories["sophon"], images["protect_history"])
+        document = gen_report.build_document(summary, exp["report"]["epochs"], images, notes)
+        document.sections.insert(1, search_section)
+        write_common(exp, summary, document, images,
+                     {a: gen_report.curve_csv(entry) for a, entry in summary["attacks"].items()}, tracked)
+        v = summary["verdicts"]
+        tracked.log_metrics({"protection_holds": int(v["protection_holds"]),
+                             "intactness_holds": int(v["intactness_within_tolerance"]),
+                             "sophon_at_or_above_scratch": int(v["sophon_at_or_above_scratch_every_epoch"]),
+                             "pretraining_advantage": int(v["pretraining_advantage"]),
+                             "envelope_holds": int(summary["envelope"].get("holds", 0))})
+    lines = []
+    for attack in summary["attacks"]:
+        lines += [render_text(gen_report.attack_table(summary, attack, exp["report"]["epochs"])), ""]
+    return summary, [*lines, *gen_report.verdict_lines(summary), search_report.verdict_line(summary["envelope"])]
+
+
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    exp, device = setup(args)
+    build = classification_report if exp["task"] == "classification" else diffusion_report
+    _, lines = build(exp, device)
+    print("\n".join(lines))
+    print(f"\nreport: {layout.report_dir(exp['name']) / 'report.html'}")
 
 
 if __name__ == "__main__":

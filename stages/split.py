@@ -1,4 +1,10 @@
-"""Stage `split`: materialise the original domain and the restricted domain's defender / adversary / test parts."""
+"""Stage `split`: materialise the original domain (train, test and a validation part) and the
+restricted domain's defender / adversary / test parts of one experiment.
+
+    python -m stages.split --experiment quick-classification
+"""
+
+import torch
 
 from sophon import layout
 from sophon.data import DomainRequest
@@ -9,23 +15,27 @@ from stages.common import parser, run, setup
 
 def main() -> None:
     args = parser(__doc__).parse_args()
-    config, _ = setup(args)
-    data = config["data"]
+    exp, _ = setup(args)
+    data, split, name = exp["data"], exp["split"], exp["name"]
     request = DomainRequest(size=data["image_size"], channels=data["channels"], root=data["root"],
-                            download=data["download"], seed=config["split"]["seed"])
-    parts = make_splits(config["original"], config["restricted"], request, config["split"]["seed"])
-    for name, part in parts.items():
-        save_part(part, layout.split_part(name), {"part": name})
-    details = {"original": describe(config["original"]["domain"]),
-               "restricted": describe(config["restricted"]["domain"]),
-               "sizes": {name: len(part) for name, part in parts.items()},
-               "image_shape": list(parts["defender"].images.shape[1:]), "seed": config["split"]["seed"]}
-    write_manifest(layout.split_manifest(), {n: layout.split_part(n) for n in parts}, details)
-    with stage_run("split", config["experiment"], params={"original": config["original"],
-                   "restricted": config["restricted"], "split": config["split"], "data": data}) as tracked:
-        tracked.log_metrics({f"size.{name}": len(part) for name, part in parts.items()})
-        tracked.log_artifact(layout.split_manifest())
-    print(" ".join(f"{name}={len(part)}" for name, part in parts.items()))
+                            download=data["download"], seed=split["seed"])
+    parts = make_splits(exp["original"], exp["restricted"], request, split["seed"])
+    # A validation part for the protect loop's quality checks, so the reported original test metric stays unseen.
+    train = parts.pop("original_train")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(split["seed"]))
+    held = min(split["original_val_samples"], len(train) // 2)
+    parts = {"original_train": train.subset(order[held:].sort().values),
+             "original_val": train.subset(order[:held].sort().values), **parts}
+    for part, value in parts.items():
+        save_part(value, layout.split_part(name, part), {"part": part})
+    details = {"original": describe(exp["original"]["domain"]), "restricted": describe(exp["restricted"]["domain"]),
+               "sizes": {part: len(value) for part, value in parts.items()},
+               "image_shape": list(parts["defender"].images.shape[1:]), "seed": split["seed"]}
+    write_manifest(layout.split_manifest(name), {p: layout.split_part(name, p) for p in parts}, details)
+    with stage_run("split", name, params={k: exp[k] for k in ("data", "original", "restricted", "split")}) as tracked:
+        tracked.log_metrics({f"size.{part}": len(value) for part, value in parts.items()})
+        tracked.log_artifact(layout.split_manifest(name))
+    print(" ".join(f"{part}={len(value)}" for part, value in parts.items()))
 
 
 if __name__ == "__main__":

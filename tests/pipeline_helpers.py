@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 PROJECT = Path(__file__).resolve().parent.parent
-COPIED = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", "sophon", "stages", "profiles", ".dvc", ".dvcignore", ".gitignore"]
+COPIED = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", "sophon", "stages", "configs", ".dvc", ".dvcignore", ".gitignore"]
 
 
 def copy_project(dest: Path) -> Path:
@@ -28,32 +28,30 @@ def copy_project(dest: Path) -> Path:
 
 
 def tiny_params(path: Path) -> dict:
-    """The quick profile shrunk to seconds: same stages, same attack names, tiny sizes."""
+    """The quick profile shrunk to seconds: same experiments, stages and attack names, tiny sizes."""
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    params.update(seeds=[0], threads=1)
-    params["original"].update(options={"n": 200}, test_samples=100)
-    params["restricted"].update(train_samples=200, test_samples=100)
-    params["pretrain"].update(epochs=1)
-    params["ntl"].update(steps=3)
-    params["sophon"].update(loops=3, inner_steps=2, check_every=2)
-    params["sweep"].update(lrs=[0.01, 0.1], epochs=2)
-    for attack in params["attacks"].values():
-        attack["epochs"] = 2
-    params["report"]["epochs"] = [0, 1, 2]
-    shrink_search(params["search"])
-    generation = params.get("generation")
-    if generation:
-        generation["seeds"] = [0]
-        generation["original"].update(options={"n": 64}, train_samples=64, test_samples=16)
-        generation["split"]["original_val_samples"] = 16
-        generation["pretrain"].update(epochs=1)
-        generation["sophon"].update(loops=2, inner_steps=2, check_every=1)
-        for attack in generation["attacks"].values():
+    params["threads"] = 1
+    for exp in params["experiments"].values():
+        exp["seeds"] = [0]
+        exp["report"]["epochs"] = [0, 1, 2]
+        for attack in exp["attacks"].values():
             attack["epochs"] = 2
-        shrink_search(generation["search"])
-        generation["stability"].update(seeds=[0], loops=2)
-        generation["report"].update(epochs=[0, 1, 2], images=2)
-        generation["eval"]["repeats"] = 1
+        shrink_search(exp["search"])
+        exp["pretrain"].update(epochs=1)
+        if exp["task"] == "classification":
+            exp["original"].update(options={"n": 200}, test_samples=100)
+            exp["restricted"].update(train_samples=200, test_samples=100)
+            exp["split"]["original_val_samples"] = 50
+            exp["ntl"].update(steps=3)
+            exp["sophon"].update(loops=3, inner_steps=2, check_every=2)
+            exp["sweep"].update(lrs=[0.01, 0.1], epochs=2)
+        else:
+            exp["original"].update(options={"n": 64}, train_samples=64, test_samples=16)
+            exp["split"]["original_val_samples"] = 16
+            exp["sophon"].update(loops=2, inner_steps=2, check_every=1)
+            exp["stability"].update(seeds=[0], loops=2)
+            exp["report"].update(images=2)
+            exp["eval"]["repeats"] = 1
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return params
 
@@ -87,7 +85,7 @@ def snakemake_dry_run(cwd: Path, *extra: str) -> list[dict]:
     out = run([bin_path("snakemake"), "-n", "-p", "--cores", "1", *extra], cwd).stdout
     jobs = []
     for block in re.split(r"\n\[[^\]]+\]\n", out):
-        rule = re.search(r"^(?:local)?rule (\w+):", block, re.M)
+        rule = re.search(r"^(?:local)?rule ([\w-]+):", block, re.M)
         if not rule:
             continue
         job = {"rule": rule.group(1), "input": [], "output": [], "cmd": None}

@@ -22,24 +22,37 @@ def project(tmp_path_factory):
     return root, params, done
 
 
+CLS, GEN = "quick-classification", "quick-generation"
+
+
 def test_snakemake_runs_to_the_report(project):
     root, params, _ = project
-    summary = json.loads((root / "reports" / params["experiment"] / "summary.json").read_text())
-    assert summary["experiment"] == params["experiment"] and summary["seeds"] == [0]
+    cls = params["experiments"][CLS]
+    summary = json.loads((root / "reports" / CLS / "summary.json").read_text())
+    assert summary["experiment"] == CLS and summary["seeds"] == [0]
     assert summary["chance_accuracy"] == pytest.approx(10.0)
     assert set(summary["original_domain_accuracy"]) == {"original", "ntl", "sophon"}
     for name, attack in summary["attacks"].items():
-        assert attack["lr"] in params["sweep"]["lrs"]  # lr: auto resolved from the sweep
+        assert attack["lr"] in cls["sweep"]["lrs"]  # lr: auto resolved from the sweep
         for start in ("scratch", "original", "ntl", "sophon"):
             assert list(attack["restricted_accuracy"][start]) == ["0", "1", "2"], (name, start)
             assert 0 <= attack["restricted_accuracy"][start]["2"]["mean"] <= 100
-    report = root / "reports" / params["experiment"]
+    report = root / "reports" / CLS
     assert "<img" in (report / "report.html").read_text() and (report / "restricted_accuracy.png").stat().st_size > 0
-    card = json.loads((root / "models" / "sophon" / "model.json").read_text())
-    assert card["architecture"] == params["model"]["arch"] and card["weights_sha256"]
-    if "generation" in params:
-        gen = json.loads((root / "reports" / params["generation"]["experiment"] / "summary.json").read_text())
-        assert set(gen["original_domain_mse"]) >= {"original", "sophon"}
+    card = json.loads((root / "models" / CLS / "sophon" / "model.json").read_text())
+    assert card["architecture"] == cls["model"]["arch"] and card["weights_sha256"] and card["experiment"] == CLS
+    gen = json.loads((root / "reports" / GEN / "summary.json").read_text())
+    assert set(gen["original_domain_mse"]) >= {"original", "sophon"}
+    # The envelope contract, for both tasks: every start, epochs 0..E, a verdict.
+    for name, doc in ((CLS, summary), (GEN, gen)):
+        envelope, search = doc["envelope"], params["experiments"][name]["search"]
+        assert envelope["epochs"] == search["epochs"] and set(envelope["space"]) >= {
+            "strategies", "optimizers", "lrs", "batch_sizes", "schedules"}
+        assert set(envelope["starts"]) == {"scratch", *search["starts"]}
+        for start in envelope["starts"].values():
+            assert len(start["mean"]) == len(start["std"]) == len(start["config"]) == search["epochs"] + 1
+        assert isinstance(envelope["holds"], bool) and 0 <= envelope["advantage"]["epoch"] <= search["epochs"]
+        assert "The strongest attacker" in (root / "reports" / name / "report.md").read_text()
 
 
 def test_mlflow_holds_one_run_per_job_grouped_by_invocation(project):
@@ -52,8 +65,14 @@ def test_mlflow_holds_one_run_per_job_grouped_by_invocation(project):
         metrics = db.execute("select count(*) from metrics where key = 'restricted_accuracy'").fetchone()[0]
     assert len(runs) == jobs - 1  # every job but `all`
     assert {status for status, _ in runs} == {"FINISHED"} and len({tag for _, tag in runs}) == 1
-    assert {"split", "pretrain", "ntl", "protect", "sweep", "attack", "report"} <= stages
+    assert {"split", "pretrain", "ntl", "protect", "sweep", "attack", "search", "stability", "report"} <= stages
     assert metrics >= 3 * 12  # per-epoch steps 0..2 for every attack job
+    with sqlite3.connect(root / "mlflow.db") as db:
+        children = db.execute("select count(*) from tags where key = 'mlflow.parentRunId'").fetchone()[0]
+        best = db.execute("select count(*) from tags where key = 'sophon.best_config'").fetchone()[0]
+    # Every search (4 classification starts, 3 diffusion) is a parent run: its best configuration as a tag and one
+    # nested child per coarse configuration (2) and confirmed configuration × seed (1).
+    assert best == 7 and children == 7 * 3
 
 
 def test_nothing_left_to_do_then_dvc_reruns_only_the_edited_attack(project):
@@ -64,35 +83,57 @@ def test_nothing_left_to_do_then_dvc_reruns_only_the_edited_attack(project):
     assert "up to date" in run([dvc, "status"], root).stdout
 
     edited = yaml.safe_load((root / "params.yaml").read_text())
-    edited["attacks"]["initfc_fc"]["epochs"] = 3
+    edited["experiments"][CLS]["attacks"]["initfc_fc"]["epochs"] = 3
     (root / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
 
     changed = [line.rstrip(":") for line in run([dvc, "status"], root).stdout.splitlines()
                if line and not line.startswith((" ", "\t"))]
-    assert sorted(changed) == sorted(["attack_scratch@initfc_fc-0", "attack@initfc_fc-original-0",
-                                      "attack@initfc_fc-ntl-0", "attack@initfc_fc-sophon-0"]), changed
+    assert sorted(changed) == sorted([f"attack_scratch-{CLS}@initfc_fc-0", f"attack-{CLS}@initfc_fc-original-0",
+                                      f"attack-{CLS}@initfc_fc-ntl-0", f"attack-{CLS}@initfc_fc-sophon-0"]), changed
     snake = sorted((j["rule"], *j["output"][:1]) for j in snakemake_dry_run(root) if j["rule"] != "all")
-    assert [rule for rule, *_ in snake] == ["attack"] * 4 + ["report"], snake
+    assert [rule for rule, *_ in snake] == ["attack"] * 4 + [f"report_{CLS}"], snake
     assert all("initfc_fc" in out for rule, out in snake if rule == "attack")
 
     repro = run([dvc, "repro"], root).stdout
     ran = sorted(set(line.split("'")[1] for line in repro.splitlines() if line.startswith("Running stage")))
-    assert ran == sorted(changed + ["report"]), ran
-    summary = json.loads((root / "reports" / params["experiment"] / "summary.json").read_text())
+    assert ran == sorted(changed + [f"report-{CLS}"]), ran
+    summary = json.loads((root / "reports" / CLS / "summary.json").read_text())
     assert list(summary["attacks"]["initfc_fc"]["restricted_accuracy"]["sophon"]) == ["0", "1", "2", "3"]
     assert "summary.json" in run([dvc, "metrics", "show"], root).stdout
 
 
+def test_one_search_value_reruns_only_the_searches_and_the_report(project):
+    root, params, _ = project
+    dvc = bin_path("dvc")
+    assert "up to date" in run([dvc, "status"], root).stdout
+    edited = yaml.safe_load((root / "params.yaml").read_text())
+    edited["experiments"][GEN]["search"]["space"]["lrs"]["adam"]["high"] = 0.002
+    (root / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+
+    changed = sorted(line.rstrip(":") for line in run([dvc, "status"], root).stdout.splitlines()
+                     if line and not line.startswith((" ", "\t")))
+    assert changed == sorted([f"search_scratch-{GEN}", f"search-{GEN}@original", f"search-{GEN}@sophon"]), changed
+    snake = sorted(j["rule"] for j in snakemake_dry_run(root) if j["rule"] != "all")
+    assert snake == ["report_" + GEN] + ["search"] * 3, snake
+    repro = run([dvc, "repro"], root).stdout
+    ran = sorted(set(line.split("'")[1] for line in repro.splitlines() if line.startswith("Running stage")))
+    assert ran == sorted(changed + [f"report-{GEN}"]), ran
+    # The per-run cache: configurations the change did not touch were reused, not recomputed.
+    for start in ("scratch", "original", "sophon"):
+        doc = json.loads((root / "results" / GEN / "search" / f"{start}.json").read_text())
+        assert doc["runs"]["cached"] + doc["runs"]["computed"] == 3 and doc["runs"]["cached"] >= 1, (start, doc["runs"])
+
+
 def test_bad_input_gives_one_line_and_keeps_outputs(project):
     root, params, _ = project
-    curve = root / "results" / "attacks" / "direct_all" / "sophon" / "seed_0.json"
+    curve = root / "results" / CLS / "attacks" / "direct_all" / "sophon" / "seed_0.json"
     kept = curve.read_bytes()
-    weights = root / "models" / "sophon" / "model.safetensors"
+    weights = root / "models" / CLS / "sophon" / "model.safetensors"
     original = weights.read_bytes()
     weights.write_bytes(original[:-64] + bytes(64))
     try:
-        done = run(["python", "-m", "stages.attack", "--attack", "direct_all", "--start", "sophon", "--seed", "0"],
-                   root, check=False)
+        done = run(["python", "-m", "stages.attack", "--experiment", CLS, "--attack", "direct_all", "--start", "sophon",
+                    "--seed", "0"], root, check=False)
     finally:
         weights.write_bytes(original)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: checkpoint")
@@ -100,17 +141,21 @@ def test_bad_input_gives_one_line_and_keeps_outputs(project):
 
     def stage_error(config_text: str, stage: str = "split") -> str:
         (root / "bad.yaml").write_text(config_text)
-        result = run(["python", "-m", f"stages.{stage}", "--params", "bad.yaml"], root, check=False)
+        result = run(["python", "-m", f"stages.{stage}", "--params", "bad.yaml", "--experiment", CLS], root, check=False)
         assert result.returncode == 2, result.stderr
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1
         return lines[0]
 
     good = (root / "params.yaml").read_text()
-    manifest = (root / "data" / "splits" / "manifest.json").read_bytes()
-    assert "not valid YAML" in stage_error(good + "\nseeds: [0,\n")
-    assert "key 'restricted.domain' = nope: unknown domain" in stage_error(good.replace("domain: mnist5k", "domain: nope"))
-    assert "key 'model.arch' = resnet_nope: unknown model" in stage_error(good.replace("arch: test_resnet", "arch: resnet_nope"))
-    missing = stage_error(good.replace("domain: mnist5k", "domain: cifar10").replace("root: data/raw", "root: nowhere"))
+    manifest = (root / "data" / CLS / "manifest.json").read_bytes()
+    assert "not valid YAML" in stage_error(good + "\nthreads: [0,\n")
+    assert f"key 'experiments.{CLS}.restricted.domain' = nope: unknown domain" in stage_error(
+        good.replace("domain: mnist5k", "domain: nope", 1))
+    assert f"key 'experiments.{CLS}.model.arch' = resnet_nope: unknown model" in stage_error(
+        good.replace("arch: test_resnet", "arch: resnet_nope"))
+    missing = stage_error(good.replace("domain: mnist5k", "domain: cifar10", 1).replace("root: data/raw", "root: nowhere", 1))
     assert "dataset 'cifar10'" in missing and "nowhere" in missing
-    assert (root / "data" / "splits" / "manifest.json").read_bytes() == manifest  # earlier output kept
+    assert "--experiment 'nope' is not in params.yaml" in run(
+        ["python", "-m", "stages.split", "--params", "params.yaml", "--experiment", "nope"], root, check=False).stderr
+    assert (root / "data" / CLS / "manifest.json").read_bytes() == manifest  # earlier output kept

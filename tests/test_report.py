@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from sophon import layout
-from sophon.config import load_params
+from sophon.config import experiment, load_params
 from sophon.io import write_json
 from sophon.report.aggregate import ReportInputError, build_summary
 from stages import report as report_stage
@@ -27,6 +27,21 @@ BASE = {
 }
 SPREAD = 2.0
 CARDS = {"original": 98.0, "ntl": 90.0, "sophon": 95.5}
+EXP = "quick-classification"
+# The attack search: per start, two confirmed configurations over two seeds (epochs 0..3); Sophon's envelope
+# stays below scratch's at every epoch.
+SEARCH = {"scratch": [10, 50, 60, 70], "original": [10, 70, 80, 85], "ntl": [10, 60, 75, 80], "sophon": [10, 20, 30, 40]}
+
+
+def _search_doc(start, base):
+    configs = {"cfg-a": [b for b in base], "cfg-b": [b - 5 if e else b for e, b in enumerate(base)]}
+    config = {"strategy": "direct+all", "optimizer": "adam", "lr": 0.001, "batch_size": 50, "schedule": "constant",
+              "weight_decay": 0.0}
+    return {"start": start, "higher_is_better": True, "coarse_epochs": 2, "epochs": EPOCHS, "seconds": 1.0,
+            "coarse": [{"name": n, "config": {**config, "lr": 0.001 * (i + 1)}, "curve": c[:3], "score": 0.0}
+                       for i, (n, c) in enumerate(configs.items())],
+            "confirmed": {n: {"config": config, "coarse_score": 0.0, "steps_per_epoch": 4, "seeds": SEEDS,
+                              "curves": [[v + seed * SPREAD for v in c] for seed in SEEDS]} for n, c in configs.items()}}
 
 
 def _curve_doc(attack, start, seed, curve, lr=0.1):
@@ -42,42 +57,47 @@ def project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["seeds"] = SEEDS
-    params["sweep"].update(lrs=LRS, epochs=EPOCHS)
-    params["attacks"] = {name: {"strategy": s, "optimizer": "momentum", "lr": "auto", "epochs": EPOCHS}
-                         for name, s in ATTACKS.items()}
-    params["report"] = {"epochs": [0, 1, 3, 5], "intactness_tolerance": 5.0}
+    params["experiments"] = {EXP: params["experiments"][EXP]}
+    exp = params["experiments"][EXP]
+    exp["seeds"] = SEEDS
+    exp["sweep"].update(lrs=LRS, epochs=EPOCHS)
+    exp["attacks"] = {name: {"strategy": s, "optimizer": "momentum", "lr": "auto", "epochs": EPOCHS}
+                      for name, s in ATTACKS.items()}
+    exp["report"] = {"epochs": [0, 1, 3, 5], "intactness_tolerance": 5.0}
+    exp["search"].update(epochs=EPOCHS, seeds=SEEDS, trials=2, coarse_epochs=2, confirm_top=2)
     Path("params.yaml").write_text(yaml.safe_dump(params))
     for attack, starts in BASE.items():
         for start, base in starts.items():
             for seed in SEEDS:
                 curve = [b + seed * SPREAD for b in base]
-                write_json(layout.attack_curve(attack, start, seed), _curve_doc(attack, start, seed, curve))
+                write_json(layout.attack_curve(EXP, attack, start, seed), _curve_doc(attack, start, seed, curve))
     for lr, top in zip(LRS, (50.0, 70.0)):
-        write_json(layout.sweep_curve(lr), _curve_doc("sweep", "original", 0, [10, top / 2, top, top], lr))
+        write_json(layout.sweep_curve(EXP, lr), _curve_doc("sweep", "original", 0, [10, top / 2, top, top], lr))
+    for start, base in SEARCH.items():
+        write_json(layout.search_result(EXP, start), _search_doc(start, base))
     for model, acc in CARDS.items():
-        write_json(layout.model_dir(model) / layout.CARD, {"original_test_accuracy": acc})
-    write_json(layout.history("sophon"), {
+        write_json(layout.model_dir(EXP, model) / layout.CARD, {"original_test_accuracy": acc})
+    write_json(layout.history(EXP, "sophon"), {
         "settings": {"loops": 6, "lr": 1e-4, "alpha": 10.0}, "loop": list(range(1, 7)),
         "suppression_loss": [3.0, 2.5, float("nan"), 2.0, 1.8, 1.7], "normal_loss": [0.5] * 6,
         "checks": [{"loop": 0, "quality": 98.0, "rolled_back": False}, {"loop": 3, "quality": 80.0, "rolled_back": True},
                    {"loop": 6, "quality": 95.5, "rolled_back": False}],
-        "rollbacks": 1, "nonfinite": 1, "original_accuracy": 95.5, "restricted_accuracy": 10.0})
-    write_json(layout.history("ntl"), {"settings": {"steps": 4}, "loss": [1, 0.5, 0.2, 0.1], "kl_source": [0] * 4,
-                                       "kl_target": [0] * 4, "mmd": [0] * 4, "original_accuracy": 90.0,
-                                       "restricted_accuracy": 10.0})
+        "rollbacks": 1, "nonfinite": 1, "original_test_accuracy": 95.5, "restricted_test_accuracy": 10.0})
+    write_json(layout.history(EXP, "ntl"), {"settings": {"steps": 4}, "loss": [1, 0.5, 0.2, 0.1], "kl_source": [0] * 4,
+                                       "kl_target": [0] * 4, "mmd": [0] * 4, "original_test_accuracy": 90.0,
+                                       "restricted_test_accuracy": 10.0})
     return tmp_path
 
 
 def _run_stage(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["stages.report", "--params", "params.yaml"])
+    monkeypatch.setattr(sys, "argv", ["stages.report", "--params", "params.yaml", "--experiment", EXP])
     report_stage.main()
     return capsys.readouterr().out
 
 
 def test_summary_numbers_and_verdicts(project):
-    config = load_params("params.yaml")
-    summary = build_summary(config, **report_stage.load_inputs(config))
+    config = experiment(load_params("params.yaml"), EXP)
+    summary = build_summary(config, **report_stage.classification_inputs(config))
     assert summary["chance_accuracy"] == 10.0 and summary["seeds"] == SEEDS
     assert summary["original_domain_accuracy"]["sophon"] == {"mean": 95.5, "std": 0.0}
     entry = summary["attacks"]["direct_all"]
@@ -104,26 +124,26 @@ def test_summary_numbers_and_verdicts(project):
 
 
 def test_missing_start_is_tolerated(project):
-    config = load_params("params.yaml")
-    shutil.rmtree(layout.attack_curve("initfc_fc", "ntl", 0).parent)
-    shutil.rmtree(layout.attack_curve("initfc_fc", "scratch", 0).parent)
-    summary = build_summary(config, **report_stage.load_inputs(config))
+    config = experiment(load_params("params.yaml"), EXP)
+    shutil.rmtree(layout.attack_curve(EXP, "initfc_fc", "ntl", 0).parent)
+    shutil.rmtree(layout.attack_curve(EXP, "initfc_fc", "scratch", 0).parent)
+    summary = build_summary(config, **report_stage.classification_inputs(config))
     assert "ntl" not in summary["attacks"]["initfc_fc"]["restricted_accuracy"]
     assert summary["verdicts"]["attacks_without_verdict"] == ["initfc_fc"]
     assert summary["verdicts"]["protection_holds"] is False
 
 
 def test_missing_file_names_it(project):
-    layout.attack_curve("direct_all", "sophon", 1).unlink()
+    layout.attack_curve(EXP, "direct_all", "sophon", 1).unlink()
     with pytest.raises(ReportInputError, match="seed_1.json"):
-        report_stage.load_inputs(load_params("params.yaml"))
+        report_stage.classification_inputs(experiment(load_params("params.yaml"), EXP))
 
 
 def test_stage_writes_every_output(project, monkeypatch, capsys):
     out = _run_stage(monkeypatch, capsys)
-    folder = layout.report_dir("quick-classification")
+    folder = layout.report_dir(EXP)
     for name in ("summary.json", "report.md", "report.html", "restricted_accuracy.png", "protect_history.png",
-                 "sweep.png", "curves/direct_all.csv", "curves/initfc_fc.csv"):
+                 "sweep.png", "envelope.png", "curves/direct_all.csv", "curves/initfc_fc.csv"):
         assert (folder / name).stat().st_size > 0, name
     assert not list(folder.rglob("*.tmp"))
     html_text = (folder / "report.html").read_text()
@@ -137,3 +157,10 @@ def test_stage_writes_every_output(project, monkeypatch, capsys):
     assert csv_lines[0] == "epoch,scratch,original,ntl,sophon" and csv_lines[2].startswith("1,41.0000,")
     assert json.loads((folder / "summary.json").read_text())["verdicts"]["protection_holds"] is False
     assert "Epoch 3" in out and "Epoch 5" not in out and "Overall: protection does NOT hold" in out
+    # The envelope: the best confirmed configuration per epoch (cfg-a), mean over seeds 0 and 1 (+0 and +2).
+    envelope = json.loads((folder / "summary.json").read_text())["envelope"]
+    assert envelope["starts"]["scratch"]["mean"] == pytest.approx([11, 51, 61, 71])
+    assert envelope["starts"]["sophon"]["config"] == ["cfg-a"] * 4
+    assert envelope["advantage"]["value"] == pytest.approx(0.0) and envelope["advantage"]["epoch"] == 0
+    assert envelope["holds"] is True and envelope["epochs"] == EPOCHS
+    assert "Envelope verdict: protection HOLDS" in out and "Table V: optimiser" in md

@@ -9,7 +9,9 @@ import numpy as np
 
 from sophon.attacks import best_lr, sweep_score
 from sophon.errors import SophonError
-from sophon.layout import MODELS, STARTS
+from sophon.layout import STARTS
+
+MODELS = ("original", "ntl", "sophon")
 
 STD_NOTE = "population standard deviation over seeds (numpy, ddof=0)"
 NTL_RECOVERY_MARGIN = 5.0  # NTL counts as recovered when its final accuracy is ≥ scratch's final − this many points
@@ -130,12 +132,12 @@ def training_summary(sophon_history: dict | None, ntl_history: dict | None) -> d
         out["sophon"] = {"settings": sophon_history.get("settings", {}), "loops": len(sophon_history.get("loop", [])),
                          "rollbacks": sophon_history.get("rollbacks", 0), "nonfinite": sophon_history.get("nonfinite", 0),
                          "checks": len(sophon_history.get("checks", [])),
-                         "original_accuracy": sophon_history.get("original_accuracy"),
-                         "restricted_accuracy": sophon_history.get("restricted_accuracy")}
+                         "original_accuracy": sophon_history.get("original_test_accuracy"),
+                         "restricted_accuracy": sophon_history.get("restricted_test_accuracy")}
     if ntl_history is not None:
         out["ntl"] = {"settings": ntl_history.get("settings", {}), "steps": len(ntl_history.get("loss", [])),
-                      "original_accuracy": ntl_history.get("original_accuracy"),
-                      "restricted_accuracy": ntl_history.get("restricted_accuracy")}
+                      "original_accuracy": ntl_history.get("original_test_accuracy"),
+                      "restricted_accuracy": ntl_history.get("restricted_test_accuracy")}
     return out
 
 
@@ -154,7 +156,7 @@ def build_summary(config: dict, attack_docs: dict[str, dict[str, list[dict]]], s
         intactness.update(drop=drop, holds=drop <= tolerance)
     attack_verdicts = {name: v for name, v in verdicts.items() if v is not None}
     return {
-        "experiment": config["experiment"],
+        "experiment": config["name"],
         "chance_accuracy": chance,
         "seeds": list(config["seeds"]),
         "std": STD_NOTE,

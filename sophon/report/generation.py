@@ -13,7 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from sophon.layout import GEN_STARTS, GEN_SUPPRESSIONS  # noqa: E402
+from sophon.tasks import TASKS  # noqa: E402
+
+GEN_STARTS = TASKS["diffusion"].starts
 from sophon.report.figures import _save, draw_checks  # noqa: E402
 from sophon.report.aggregate import STD_NOTE, ReportInputError, curve_stats, mean_std  # noqa: E402
 from sophon.report.render import Bullets, Document, Image, Section, Table  # noqa: E402
@@ -182,7 +184,7 @@ def image_grid(rows: list[tuple[str, np.ndarray]], path, title: str) -> None:
 
 def stability(summary: dict, docs: dict[str, list[dict]], path) -> None:
     """Suppression loss per loop for each loss and seed; NaN loops marked (paper Fig. 14)."""
-    losses = [loss for loss in GEN_SUPPRESSIONS if loss in docs]
+    losses = list(docs)
     fig, axes = plt.subplots(1, len(losses), figsize=(5.2 * len(losses), 3.6), squeeze=False)
     for ax, loss in zip(axes[0], losses):
         counts = summary["stability"][loss]

@@ -1,37 +1,54 @@
-# The learning-rate sweep (fine-tuning the original model) and the attack grid: start × attack × seed.
+# The paired attack grid (start × attack × seed), the learning-rate sweep (classification) and the stability study.
+
+
+def attack_inputs(wildcards):
+    name = wildcards.experiment
+    model = [] if wildcards.start == "scratch" else model_inputs(name, wildcards.start)
+    sweep = [str(layout.sweep_curve(name, lr)) for lr in EXPERIMENTS[name].get("sweep", {}).get("lrs", [])]
+    return split_inputs(name, "adversary", "restricted_test") + model + sweep
 
 
 rule sweep:
     input:
-        split_inputs("adversary", "restricted_test"),
-        model_inputs("original"),
+        parts_of("adversary", "restricted_test"),
+        original_model,
     output:
-        str(layout.sweep_curve("{lr}")),
+        str(layout.sweep_curve("{experiment}", "{lr}")),
     params:
-        sweep=config["sweep"],
+        sweep=lambda w: exp(w)["sweep"],
     log:
-        "logs/sweep/lr_{lr}.log",
+        str(layout.log("{experiment}", "sweep/lr_{lr}")),
     threads: 1
     shell:
-        STAGE.format(stage="attack") + " --sweep-lr {wildcards.lr} 2> {log}"
-
-
-def attack_inputs(wildcards):
-    model = [] if wildcards.start == "scratch" else model_inputs(wildcards.start)
-    sweep = [str(layout.sweep_curve(lr)) for lr in config["sweep"]["lrs"]]
-    return split_inputs("adversary", "restricted_test") + model + sweep
+        stage("attack", "--sweep-lr {wildcards.lr}")
 
 
 rule attack:
     input:
         attack_inputs,
     output:
-        str(layout.attack_curve("{attack}", "{start}", "{seed}")),
+        str(layout.attack_curve("{experiment}", "{attack}", "{start}", "{seed}")),
     params:
-        attack=lambda wildcards: config["attacks"][wildcards.attack],
-        model=lambda wildcards: config["model"] if wildcards.start == "scratch" else None,
+        attack=lambda w: exp(w)["attacks"][w.attack],
+        model=lambda w: (exp(w).get("model") or exp(w).get("unet")) if w.start == "scratch" else None,
     log:
-        "logs/attacks/{attack}/{start}/seed_{seed}.log",
+        str(layout.log("{experiment}", "attacks/{attack}/{start}/seed_{seed}")),
     threads: 1
     shell:
-        STAGE.format(stage="attack") + " --attack {wildcards.attack} --start {wildcards.start} --seed {wildcards.seed} 2> {log}"
+        stage("attack", "--attack {wildcards.attack} --start {wildcards.start} --seed {wildcards.seed}")
+
+
+rule stability:
+    input:
+        parts_of("original_train", "original_val", "defender", "restricted_test"),
+        original_model,
+    output:
+        str(layout.stability("{experiment}", "{loss}", "{seed}")),
+    params:
+        stability=lambda w: exp(w)["stability"],
+        sophon=lambda w: exp(w)["sophon"],
+    log:
+        str(layout.log("{experiment}", "stability/{loss}/seed_{seed}")),
+    threads: 1
+    shell:
+        stage("stability", "--loss {wildcards.loss} --seed {wildcards.seed}")

@@ -1,23 +1,18 @@
 # The attack search (stages.search): one job per experiment and start, both tasks alike.
 
-SEARCH = {"classification": config["search"], "generation": config["generation"]["search"]}
 
-
-def search_outputs(experiment):
-    return [str(layout.search_result(experiment, start)) for start in search_starts(experiment)]
-
-
-def search_starts(experiment):
+def search_starts(name):
     """Training from scratch is always searched, beside the configured models."""
-    return ["scratch", *SEARCH[experiment]["starts"]]
+    return ["scratch", *EXPERIMENTS[name]["search"]["starts"]]
+
+
+def search_outputs(name):
+    return [str(layout.search_result(name, start)) for start in search_starts(name)]
 
 
 def search_inputs(wildcards):
-    if wildcards.experiment == "classification":
-        model = [] if wildcards.start == "scratch" else model_inputs(wildcards.start)
-        return split_inputs("adversary", "restricted_test") + model
-    model = [] if wildcards.start == "scratch" else gen_model_inputs(wildcards.start)
-    return gen_split_inputs("adversary", "restricted_test") + model
+    model = [] if wildcards.start == "scratch" else model_inputs(wildcards.experiment, wildcards.start)
+    return split_inputs(wildcards.experiment, "adversary", "restricted_test") + model
 
 
 rule search:
@@ -26,11 +21,10 @@ rule search:
     output:
         str(layout.search_result("{experiment}", "{start}")),
     params:
-        search=lambda wildcards: SEARCH[wildcards.experiment],
-    wildcard_constraints:
-        experiment="classification|generation",
+        search=lambda w: exp(w)["search"],
+        model=lambda w: (exp(w).get("model") or exp(w).get("unet")) if w.start == "scratch" else None,
     log:
-        "logs/search/{experiment}/{start}.log",
+        str(layout.log("{experiment}", "search/{start}")),
     threads: 1
     shell:
-        STAGE.format(stage="search") + " --experiment {wildcards.experiment} --start {wildcards.start} 2> {log}"
+        stage("search", "--start {wildcards.start}")

@@ -1,50 +1,63 @@
-# The original model, the NTL baseline (B3) and the Sophon-protected model.
+# Split, the original model, the NTL baseline (classification) and the Sophon-protected model.
+
+
+rule split:
+    output:
+        [str(layout.split_part("{experiment}", part)) for part in layout.SPLIT_PARTS],
+        str(layout.split_manifest("{experiment}")),
+    params:
+        data=lambda w: {k: exp(w)[k] for k in ("data", "original", "restricted", "split")},
+    log:
+        str(layout.log("{experiment}", "split")),
+    threads: 1
+    shell:
+        stage("split")
 
 
 rule pretrain:
     input:
-        split_inputs("original_train", "original_test"),
+        parts_of("original_train", "original_val", "original_test", "restricted_test"),
     output:
-        model_inputs("original"),
+        model_inputs("{experiment}", "original"),
+        str(layout.history("{experiment}", "original")),
     params:
-        model=config["model"],
-        pretrain=config["pretrain"],
+        model=lambda w: {k: exp(w).get(k) for k in ("model", "unet", "augment", "eval", "pretrain")},
     log:
-        "logs/pretrain.log",
+        str(layout.log("{experiment}", "pretrain")),
     threads: all_threads()
-    priority: 10
+    priority: 10  # the critical path (pretrain → protect → Sophon attacks)
     shell:
-        STAGE.format(stage="pretrain") + " 2> {log}"
+        stage("pretrain")
 
 
 rule ntl:
     input:
-        split_inputs("original_train", "original_test", "defender", "restricted_test"),
-        model_inputs("original"),
+        parts_of("original_train", "original_test", "defender", "restricted_test"),
+        original_model,
     output:
-        model_inputs("ntl"),
-        str(layout.history("ntl")),
+        model_inputs("{experiment}", "ntl"),
+        str(layout.history("{experiment}", "ntl")),
     params:
-        ntl=config["ntl"],
+        ntl=lambda w: exp(w)["ntl"],
     log:
-        "logs/ntl.log",
+        str(layout.log("{experiment}", "ntl")),
     threads: 1
     shell:
-        STAGE.format(stage="ntl") + " 2> {log}"
+        stage("ntl")
 
 
 rule protect:
     input:
-        split_inputs("original_train", "original_test", "defender", "restricted_test"),
-        model_inputs("original"),
+        parts_of("original_train", "original_val", "original_test", "defender", "restricted_test"),
+        original_model,
     output:
-        model_inputs("sophon"),
-        str(layout.history("sophon")),
+        model_inputs("{experiment}", "sophon"),
+        str(layout.history("{experiment}", "sophon")),
     params:
-        sophon=config["sophon"],
+        sophon=lambda w: exp(w)["sophon"],
     log:
-        "logs/protect.log",
+        str(layout.log("{experiment}", "protect")),
     threads: 1  # small inner batches gain little from a second thread; the other core runs attacks meanwhile
     priority: 10  # the critical path: start it before the attacks that do not need it
     shell:
-        STAGE.format(stage="protect") + " 2> {log}"
+        stage("protect")
