@@ -8,13 +8,17 @@ curves. One MLflow parent run per search, one nested child run per configuration
 included, tagged so).
 """
 
+import tempfile
 import time
+from pathlib import Path
 
 from sophon import layout
+from sophon.envelope import envelope
 from sophon.errors import ConfigError
 from sophon.io import read_json, write_json
+from sophon.report import figures
 from sophon.search import RunCache, run_search
-from sophon.tasks import load_model, new_model, task_of
+from sophon.tasks import load_model, task_of
 from sophon.tracking import stage_run
 from stages.common import parser, parts, run, setup
 
@@ -64,6 +68,12 @@ def main() -> None:
         write_json(layout.search_result(name, args.start), document)
         best = max(document["confirmed"], key=lambda n: document["confirmed"][n]["coarse_score"])
         tracked.set_tag("sophon.best_config", best)
+        with tempfile.TemporaryDirectory() as folder:  # the start's envelope, as an artifact of the parent run
+            runs = {n: c["curves"] for n, c in document["confirmed"].items()}
+            figure = Path(folder) / f"envelope_{args.start}.png"
+            figures.envelopes({"starts": {args.start: envelope(runs, objective.higher_is_better)}}, figure,
+                              ylabel=task.metric.replace("_", " "), title=f"{name}: best confirmed attacker from {args.start}")
+            tracked.log_artifact(figure)
         tracked.log_metrics({"seconds": seconds, "runs_computed": counts["computed"], "runs_cached": counts["cached"],
                              "best_coarse_score": document["confirmed"][best]["coarse_score"]})
     print(f"search {name}/{args.start}: {len(document['coarse'])} coarse configurations, "

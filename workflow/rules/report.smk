@@ -39,9 +39,10 @@ for _name in EXPERIMENTS:
         output:
             report_outputs(_name),
         params:
+            experiment=_name,  # the shell command is formatted when the job runs, after the loop: bind it here
             report=EXPERIMENTS[_name]["report"],
         log:
             str(layout.log(_name, "report")),
         threads: 1
         shell:
-            f"python -m stages.report --params {PARAMS_FILE} --experiment {_name} 2> {{log}}"
+            "python -m stages.report --params " + PARAMS_FILE + " --experiment {params.experiment} 2> {log}"
