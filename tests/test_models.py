@@ -85,3 +85,19 @@ def test_card_that_does_not_fit_the_weights(tmp_path):
     card_path.write_text(json.dumps(card))
     with pytest.raises(CheckpointError, match="does not fit"):
         load_classifier(tmp_path / "m")
+
+
+def test_checkpoint_files_keep_the_umask_permissions(tmp_path):
+    import os
+
+    from sophon.io import write_json
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(build_classifier("test_resnet", 10, 3), tmp_path / "m", {"kind": "classifier"})
+        write_json(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "m" / "model.safetensors", tmp_path / "m" / "model.json", tmp_path / "r.json"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert not list(tmp_path.rglob("*.tmp"))

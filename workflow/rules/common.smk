@@ -35,10 +35,6 @@ def original_model(wildcards):
     return model_inputs(wildcards.experiment, "original")
 
 
-def all_threads():
-    return workflow.cores
-
-
 wildcard_constraints:
     experiment="|".join(EXPERIMENTS),
     start="|".join(layout.STARTS),

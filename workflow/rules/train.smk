@@ -24,7 +24,7 @@ rule pretrain:
         model=lambda w: {k: exp(w).get(k) for k in ("model", "unet", "augment", "eval", "pretrain")},
     log:
         str(layout.log("{experiment}", "pretrain")),
-    threads: all_threads()
+    threads: config["threads"]  # Snakemake caps it at --cores
     priority: 10  # the critical path (pretrain → protect → Sophon attacks)
     shell:
         stage("pretrain")
