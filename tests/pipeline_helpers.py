@@ -44,7 +44,7 @@ def tiny_params(path: Path) -> dict:
             exp["split"]["original_val_samples"] = 50
             exp["ntl"].update(steps=3)
             exp["sophon"].update(loops=3, inner_steps=2, check_every=2)
-            exp["sweep"].update(lrs=[0.01, 0.1], epochs=2)
+            exp["sweep"].update(lrs=[0.1], epochs=2)
         else:
             exp["original"].update(options={"n": 64}, train_samples=64, test_samples=16)
             exp["split"]["original_val_samples"] = 16
