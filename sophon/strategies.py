@@ -53,8 +53,9 @@ from torch import nn
 
 from sophon.errors import ConfigError
 from sophon.models import Classifier, PaperVGG
+from sophon.tasks import TASKS as TASK_REGISTRY
 
-TASKS = ("classification", "diffusion")
+TASKS = tuple(TASK_REGISTRY)  # sophon.tasks: the tasks a strategy can serve
 _SLICE = re.compile(r"^(.*)\[(\d+):(\d+)\]$")
 
 

@@ -115,7 +115,9 @@ def test_one_search_value_reruns_only_the_searches_and_the_report(project):
     changed = sorted(line.rstrip(":") for line in run([dvc, "status"], root).stdout.splitlines()
                      if line and not line.startswith((" ", "\t")))
     assert changed == sorted([f"search_scratch-{GEN}", f"search-{GEN}@original", f"search-{GEN}@sophon"]), changed
-    snake = sorted(j["rule"] for j in snakemake_dry_run(root) if j["rule"] != "all")
+    # The generation report's target only: the classification attacks the previous test reran through DVC are
+    # out of date for Snakemake, whose metadata still holds their old params.
+    snake = sorted(j["rule"] for j in snakemake_dry_run(root, f"reports/{GEN}/report.html"))
     assert snake == ["report_" + GEN] + ["search"] * 3, snake
     repro = run([dvc, "repro"], root).stdout
     ran = sorted(set(line.split("'")[1] for line in repro.splitlines() if line.startswith("Running stage")))
