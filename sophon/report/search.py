@@ -12,20 +12,21 @@ from sophon.search import lr_values
 SLICES = {"optimizer": "Table V: optimiser", "lr": "Table VI: learning rate", "batch_size": "Table VII: batch size"}
 
 
+def _seed_mean(curves: list[list[float]]) -> list[float]:
+    return [sum(values) / len(values) for values in zip(*curves)]
+
+
 def summarize(docs: dict[str, dict], search: dict) -> dict:
     """The `envelope` section of summary.json from the search documents of every start (`docs[start]`)."""
     higher = next(iter(docs.values()))["higher_is_better"]
     space = search["space"]
     starts = {}
     for start, doc in docs.items():
-        runs = {name: entry["curves"] for name, entry in doc["confirmed"].items()}
-        starts[start] = {**env.envelope(runs, higher),
-                         "best": max(doc["confirmed"], key=lambda n: env.score(
-                             [sum(v) / len(v) for v in zip(*doc["confirmed"][n]["curves"])], higher)),
-                         "coarse_trials": len(doc["coarse"]), "seconds": doc.get("seconds")}
-        best = doc["confirmed"][starts[start]["best"]]
-        starts[start]["best_config"] = best["config"]
-        starts[start]["best_score"] = env.score([sum(v) / len(v) for v in zip(*best["curves"])], higher)
+        scores = {name: env.score(_seed_mean(entry["curves"]), higher) for name, entry in doc["confirmed"].items()}
+        best = max(scores, key=scores.get)
+        starts[start] = {**env.envelope({name: entry["curves"] for name, entry in doc["confirmed"].items()}, higher),
+                         "best": best, "coarse_trials": len(doc["coarse"]), "seconds": doc.get("seconds"),
+                         "best_config": doc["confirmed"][best]["config"], "best_score": scores[best]}
     result = {"epochs": search["epochs"], "metric": "restricted accuracy (%)" if higher else "restricted MSE",
               "higher_is_better": higher,
               "space": {"strategies": space["strategies"], "optimizers": space["optimizers"],
@@ -40,8 +41,8 @@ def summarize(docs: dict[str, dict], search: dict) -> dict:
         verdict = env.holds(sophon, scratch, higher)
         result["holds"], result["violations"], result["spread_rule"] = verdict["holds"], verdict["violations"], verdict["rule"]
         target = env.default_target(scratch, higher, search["cost_target"])
-        runs = {s: [([sum(v) / len(v) for v in zip(*c["curves"])], c["steps_per_epoch"])
-                    for c in docs[s]["confirmed"].values()] for s in ("sophon", "scratch")}
+        runs = {s: [(_seed_mean(c["curves"]), c["steps_per_epoch"]) for c in docs[s]["confirmed"].values()]
+                for s in ("sophon", "scratch")}
         result["cost_target"] = target
         result["cost_ratio"] = env.cost_ratio(runs["sophon"], runs["scratch"], target, higher)
     result["slices"] = {axis: env.slice_table([{"start": s, "name": r["name"], "config": r["config"], "curve": r["curve"]}
@@ -117,6 +118,6 @@ def build(search: dict, experiment: str, out_dir: Path, epochs: list[int]) -> tu
     summary = summarize(docs, search)
     figure = Path(out_dir) / "envelope.png"
     figures.envelopes(summary, figure, ylabel=summary["metric"],
-                      title=f"The attacker's envelope: best searched configuration at each epoch ({experiment})")
+                      title=f"Attacker's envelope, {experiment}")
     shown = sorted({*epochs, *range(10, search["epochs"] + 1, 10)})
     return summary, section(summary, figure, shown), figure
