@@ -1,4 +1,5 @@
-"""Model registry over timm names plus the paper's small VGG; head reset (initFC); checkpoint I/O.
+"""Model registry over timm names plus the paper's small VGG; checkpoint I/O (initFC and the other attack
+strategies live in sophon.strategies).
 
 Checkpoints are `model.safetensors` plus a `model.json` card. Loading never unpickles.
 """
@@ -100,13 +101,6 @@ def build_classifier(arch: str, num_classes: int, in_chans: int = 3, normalizati
             raise unknown("model", arch, list(MODEL_BUILDERS) + ["<any timm model name>"])
         backbone = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
     return Classifier(backbone, normalization)
-
-
-def reset_head(model: Classifier) -> None:
-    """The paper's initFC: re-initialise the last fully connected layer (timm's reset_classifier)."""
-    head = model.net.get_classifier()
-    model.net.reset_classifier(head.out_features)
-    model.net.get_classifier().to(next(model.parameters()).device)
 
 
 def head_parameter_names(model: Classifier) -> set[str]:

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from sophon.errors import CheckpointError, UnknownNameError
-from sophon.models import (build_classifier, count_parameters, head_parameter_names, load_classifier, reset_head,
+from sophon.models import (build_classifier, count_parameters, head_parameter_names, load_classifier,
                            save_checkpoint)
+from sophon.strategies import prepare
 
 CARD = {"kind": "classifier", "architecture": "test_resnet", "num_classes": 10, "in_chans": 3,
         "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}
@@ -31,7 +32,7 @@ def test_reset_head_changes_only_the_head():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     head = head_parameter_names(model)
     assert head == {"net.fc.weight", "net.fc.bias"}
-    reset_head(model)
+    prepare(model, "initFC+all", seed=0)  # the paper's initFC (sophon.strategies)
     after = model.state_dict()
     for name in before:
         changed = not torch.equal(before[name], after[name])
