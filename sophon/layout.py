@@ -42,16 +42,31 @@ def history(experiment: str, name: str) -> Path:
     return results(experiment) / "training" / f"{name}.json"
 
 
+def sweep_dir(experiment: str) -> Path:
+    """The lr sweep: one job writes every lr's curve."""
+    return results(experiment) / "sweep"
+
+
 def sweep_curve(experiment: str, lr) -> Path:
-    return results(experiment) / "sweep" / f"lr_{lr}.json"
+    return sweep_dir(experiment) / f"lr_{lr}.json"
+
+
+def attack_dir(experiment: str, start: str) -> Path:
+    """The paired attack grid from one start: one job writes every attack × seed."""
+    return results(experiment) / "attacks" / start
 
 
 def attack_curve(experiment: str, attack: str, start: str, seed) -> Path:
-    return results(experiment) / "attacks" / attack / start / f"seed_{seed}.json"
+    return attack_dir(experiment, start) / attack / f"seed_{seed}.json"
+
+
+def stability_dir(experiment: str) -> Path:
+    """The stability study: one job writes every loss × seed."""
+    return results(experiment) / "stability"
 
 
 def stability(experiment: str, loss: str, seed) -> Path:
-    return results(experiment) / "stability" / loss / f"seed_{seed}.json"
+    return stability_dir(experiment) / loss / f"seed_{seed}.json"
 
 
 def search_result(experiment: str, start: str) -> Path:
@@ -59,9 +74,10 @@ def search_result(experiment: str, start: str) -> Path:
     return results(experiment) / "search" / f"{start}.json"
 
 
-def search_cache(experiment: str) -> Path:
-    """Finished search runs by content key (sophon.search.RunCache); not a pipeline output, so never deleted by it."""
-    return Path(".cache/search") / experiment
+def run_cache(experiment: str) -> Path:
+    """Finished fine-tuning runs (search and paired attacks) by content key (sophon.search.RunCache); not a
+    pipeline output, so never deleted by it."""
+    return Path(".cache/runs") / experiment
 
 
 # The report's figures per task (reports/<experiment>/<figure>.png).

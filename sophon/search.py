@@ -12,7 +12,7 @@ their names, and the strata take turns giving their next-ranked configuration un
 same configuration therefore gets the same rank in every start and every run, and changing one value (say
 adam's lrs) changes only the strata it touches. `trials: 0` runs the whole grid.
 
-Results are cached per (configuration, seed, epochs, start model, data, core code) under `.cache/`: a rerun
+Results are cached per (attack settings, seed, start model, data, core code) under `.cache/`: a rerun
 after one value changed computes only the new configurations, and start-up is paid once per start, not per
 configuration.
 """
@@ -23,7 +23,8 @@ import hashlib
 import itertools
 import json
 import math
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -119,27 +120,52 @@ def code_digest() -> str:
 
 
 class RunCache:
-    """One JSON file per finished run, keyed by everything that determines its curve."""
+    """One JSON file per finished run, keyed by everything that determines its curve: the context (start model,
+    data, objective), the attack settings and the seed. From scratch the strategy does not apply, so runs that
+    differ only in it share one entry."""
 
     def __init__(self, folder: str | Path, context: dict):
         self.folder = Path(folder)
         self.context = {**context, "code": code_digest()}
 
-    def key(self, trial: Trial, seed: int, epochs: int) -> str:
-        blob = json.dumps({**self.context, "trial": asdict(trial), "seed": seed, "epochs": epochs}, sort_keys=True)
+    def key(self, settings: AttackSettings, seed: int, *, from_scratch: bool) -> str:
+        if from_scratch:
+            settings = replace(settings, strategy=SCRATCH, lora_rank=0)
+        blob = json.dumps({**self.context, "settings": asdict(settings), "seed": seed}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
-    def get(self, key: str) -> list[float] | None:
+    def get(self, key: str) -> dict | None:
         path = self.folder / f"{key}.json"
         if not path.exists():
             return None
         try:
-            return read_json(path)["curve"]
-        except (json.JSONDecodeError, KeyError):
+            record = read_json(path)
+        except json.JSONDecodeError:
             return None  # a damaged entry is recomputed
+        return record if "curve" in record else None
 
-    def put(self, key: str, curve: list[float]) -> None:
-        write_json(self.folder / f"{key}.json", {"curve": curve})
+    def put(self, key: str, record: dict) -> None:
+        write_json(self.folder / f"{key}.json", record)
+
+
+def cached_finetune(cache: RunCache, build: Callable[[], torch.nn.Module], settings: AttackSettings, seed: int, *,
+                    from_scratch: bool, objective, adversary, test, device: torch.device,
+                    extra: Callable[[torch.nn.Module], dict] | None = None) -> tuple[dict, bool]:
+    """One fine-tuning run (sophon.attacks.finetune) through the cache: (record, cached). The record holds the
+    curve, the seconds the run took when it was computed, and what `extra(fine-tuned model)` returns (e.g. a
+    diffusion model's denoised images)."""
+    key = cache.key(settings, seed, from_scratch=from_scratch)
+    record = cache.get(key)
+    if record is not None:
+        return record, True
+    began = time.perf_counter()
+    torch.manual_seed(seed)
+    model = build()
+    curve = finetune(model, adversary, test, settings, seed=seed, device=device, from_scratch=from_scratch,
+                     objective=objective)
+    record = {"curve": curve, "seconds": time.perf_counter() - began, **(extra(model) if extra else {})}
+    cache.put(key, record)
+    return record, False
 
 
 # --- the search for one start ----------------------------------------------------------------------------------
@@ -153,18 +179,13 @@ def run_search(build: Callable[[], torch.nn.Module], objective, adversary, test,
     lora_rank = cfg["lora_rank"]
 
     def one(trial: Trial, seed: int, epochs: int, phase: str) -> list[float]:
-        key = cache.key(trial, seed, epochs)
-        curve = cache.get(key)
-        cached = curve is not None
-        if curve is None:
-            torch.manual_seed(seed)
-            curve = finetune(build(), adversary, test, trial.settings(epochs, lora_rank), seed=seed, device=device,
-                             from_scratch=start == SCRATCH, objective=objective)
-            cache.put(key, curve)
+        record, cached = cached_finetune(cache, build, trial.settings(epochs, lora_rank), seed,
+                                         from_scratch=start == SCRATCH, objective=objective, adversary=adversary,
+                                         test=test, device=device)
         if on_run is not None:
-            on_run({"phase": phase, "trial": trial, "seed": seed, "curve": curve, "cached": cached,
-                    "score": score(curve, higher)})
-        return curve
+            on_run({"phase": phase, "trial": trial, "seed": seed, "curve": record["curve"], "cached": cached,
+                    "score": score(record["curve"], higher)})
+        return record["curve"]
 
     coarse = [{"name": t.name, "config": asdict(t), "curve": one(t, cfg["coarse_seed"], cfg["coarse_epochs"], "coarse")}
               for t in design(cfg["space"], start, cfg["trials"])]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 import uuid
@@ -73,9 +74,10 @@ class StageRun:
         self._mlflow.set_tag(key, str(value))
 
     def child(self, name: str, *, params: dict, metrics: dict, curve: tuple[str, list[float]] | None = None,
-              tags: dict | None = None) -> None:
-        """A finished nested run under this one (MLflow's convention for sweeps): params, metrics and a per-epoch
-        curve, written in one batch."""
+              steps: list[int] | None = None, tags: dict | None = None) -> None:
+        """A finished nested run under this one (MLflow's convention for sweeps): params, metrics and a curve
+        (at `steps`, by default 0, 1, 2, … as for per-epoch curves), written in one batch. Non-finite points
+        are left out."""
         from mlflow import MlflowClient
         from mlflow.entities import Metric, Param, RunTag
 
@@ -87,7 +89,8 @@ class StageRun:
         values = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
         if curve is not None:
             key, points = curve
-            values += [Metric(key, float(v), now, step) for step, v in enumerate(points)]
+            values += [Metric(key, float(v), now, step) for step, v in zip(steps or range(len(points)), points)
+                       if v is not None and math.isfinite(v)]
         client.log_batch(child.info.run_id, metrics=values,
                          params=[Param(k, str(v)[:500]) for k, v in _flatten(params).items()])
         client.set_terminated(child.info.run_id, "FINISHED")

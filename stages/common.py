@@ -42,6 +42,37 @@ def parts(exp: dict, *names: str):
     return [load_part(layout.split_part(exp["name"], name), manifest) for name in names]
 
 
+def start_builder(exp: dict, start: str, device):
+    """A function returning a fresh copy of a start's model (from scratch: a new one, seeded by the caller). A saved
+    model is loaded, and its weights checked against its card, once: before any run, cached or not."""
+    import copy
+
+    from sophon.tasks import load_model, task_of
+
+    if start == "scratch":
+        return lambda: task_of(exp).build(exp).to(device)
+    model = load_model(exp, start, device)[0]
+    return lambda: copy.deepcopy(model)
+
+
+def run_cache(exp: dict, start: str, objective):
+    """The cache of finished fine-tuning runs from one start (sophon.search.RunCache), keyed by the start model's
+    weights (its architecture from scratch), the objective and the data the runs read."""
+    from sophon import layout
+    from sophon.io import read_json
+    from sophon.search import RunCache
+
+    name = exp["name"]
+    if start == "scratch":
+        model = exp.get("model") or exp.get("unet")
+    else:
+        model = {"weights": read_json(layout.model_dir(name, start) / layout.CARD)["weights_sha256"]}
+    digests = read_json(layout.split_manifest(name))["parts"]
+    return RunCache(layout.run_cache(name), {
+        "start": start, "model": model, "objective": type(objective).__name__,
+        "data": {part: digests[part]["sha256"] for part in ("adversary", "restricted_test")}})
+
+
 def run(main) -> None:
     """Call `main()`; a SophonError ends the process with one line on stderr and exit status 2."""
     try:

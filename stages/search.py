@@ -15,12 +15,12 @@ from pathlib import Path
 from sophon import layout
 from sophon.envelope import envelope
 from sophon.errors import ConfigError
-from sophon.io import read_json, write_json
+from sophon.io import write_json
 from sophon.report import figures
-from sophon.search import RunCache, run_search
-from sophon.tasks import load_model, task_of
+from sophon.search import run_search
+from sophon.tasks import task_of
 from sophon.tracking import stage_run
-from stages.common import parser, parts, run, setup
+from stages.common import parser, parts, run, run_cache, setup, start_builder
 
 
 def main() -> None:
@@ -34,20 +34,7 @@ def main() -> None:
                           f"{', '.join(cfg['starts'])}")
     adversary, test = parts(exp, "adversary", "restricted_test")
     objective = task.objective(exp, device)
-    if args.start == "scratch":
-        def build():  # seeded by the search before every run
-            return task.build(exp).to(device)
-
-        start_key = {"scratch": exp.get("model") or exp.get("unet")}
-    else:
-        def build():
-            return load_model(exp, args.start, device)[0]
-
-        start_key = {"weights": read_json(layout.model_dir(name, args.start) / layout.CARD)["weights_sha256"]}
-    digests = read_json(layout.split_manifest(name))["parts"]
-    cache = RunCache(layout.search_cache(name), {
-        "start": args.start, "model": start_key, "objective": type(objective).__name__, "lora_rank": cfg["lora_rank"],
-        "data": {part: digests[part]["sha256"] for part in ("adversary", "restricted_test")}})
+    build, cache = start_builder(exp, args.start, device), run_cache(exp, args.start, objective)
     with stage_run("search", name, name=f"search/{args.start}",
                    params={"start": args.start, **cfg}, tags={"sophon.start": args.start}) as tracked:
         began = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -89,7 +90,12 @@ def test_search_finds_the_planted_best_and_caches_every_run(tmp_path):
     assert all(r["cached"] for r in again)
     # Another context (another start model, say) never reuses these runs.
     other = RunCache(tmp_path, {"toy": 2})
-    assert other.key(best, 0, 4) != cache.key(best, 0, 4) and other.get(other.key(best, 0, 4)) is None
+    settings = best.settings(4, 2)
+    key = cache.key(settings, 0, from_scratch=True)
+    assert other.key(settings, 0, from_scratch=True) != key and other.get(other.key(settings, 0, from_scratch=True)) is None
+    # From scratch the strategy does not apply: paired attacks that differ only in it share one run.
+    assert cache.key(replace(settings, strategy="initFC+FC"), 0, from_scratch=True) == key
+    assert cache.key(replace(settings, strategy="initFC+FC"), 0, from_scratch=False) != cache.key(settings, 0, from_scratch=False)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])

@@ -87,7 +87,7 @@ def _timings(histories, curves, stability) -> dict:
     stability_seconds = [d["seconds"] for docs in stability.values() for d in docs]
     for key, values in (("gen_attack", attack_seconds), ("gen_stability", stability_seconds)):
         if values:
-            timings[key] = {"jobs": len(values), "total": round(sum(values), 1), "mean": round(sum(values) / len(values), 1)}
+            timings[key] = {"runs": len(values), "total": round(sum(values), 1), "mean": round(sum(values) / len(values), 1)}
     return timings
 
 
@@ -339,7 +339,7 @@ def build_document(summary: dict, epochs, images: dict[str, Path], notes: list[s
     timing_rows = []
     for stage, value in summary["timings"].items():
         if isinstance(value, dict):
-            timing_rows.append([stage, f"{value['total']:.0f} s over {value['jobs']} jobs (mean {value['mean']:.1f} s)"])
+            timing_rows.append([stage, f"{value['total']:.0f} s over {value['runs']} runs (mean {value['mean']:.1f} s)"])
         else:
             timing_rows.append([stage, f"{value:.0f} s"])
     sections.append(Section("Time per stage (compute inside the stage, excluding process start-up)",

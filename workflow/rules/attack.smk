@@ -1,10 +1,12 @@
-# The paired attack grid (start × attack × seed), the learning-rate sweep (classification) and the stability study.
+# The paired attack grid (one job per start: every attack × seed), the learning-rate sweep (classification, one
+# job) and the stability study (diffusion, one job). Each job writes a folder of curves; finished runs come from
+# the run cache, so editing one attack recomputes only its runs.
 
 
 def attack_inputs(wildcards):
     name = wildcards.experiment
     model = [] if wildcards.start == "scratch" else model_inputs(name, wildcards.start)
-    sweep = [str(layout.sweep_curve(name, lr)) for lr in EXPERIMENTS[name].get("sweep", {}).get("lrs", [])]
+    sweep = [str(layout.sweep_dir(name))] if "sweep" in EXPERIMENTS[name] else []
     return split_inputs(name, "adversary", "restricted_test") + model + sweep
 
 
@@ -13,29 +15,30 @@ rule sweep:
         parts_of("adversary", "restricted_test"),
         original_model,
     output:
-        str(layout.sweep_curve("{experiment}", "{lr}")),
+        directory(str(layout.sweep_dir("{experiment}"))),
     params:
         sweep=lambda w: exp(w)["sweep"],
     log:
-        str(layout.log("{experiment}", "sweep/lr_{lr}")),
+        str(layout.log("{experiment}", "sweep")),
     threads: 1
     shell:
-        stage("attack", "--sweep-lr {wildcards.lr}")
+        stage("attack", "--sweep")
 
 
 rule attack:
     input:
         attack_inputs,
     output:
-        str(layout.attack_curve("{experiment}", "{attack}", "{start}", "{seed}")),
+        directory(str(layout.attack_dir("{experiment}", "{start}"))),
     params:
-        attack=lambda w: exp(w)["attacks"][w.attack],
+        attacks=lambda w: exp(w)["attacks"],
+        seeds=lambda w: exp(w)["seeds"],
         model=lambda w: (exp(w).get("model") or exp(w).get("unet")) if w.start == "scratch" else None,
     log:
-        str(layout.log("{experiment}", "attacks/{attack}/{start}/seed_{seed}")),
+        str(layout.log("{experiment}", "attacks/{start}")),
     threads: 1
     shell:
-        stage("attack", "--attack {wildcards.attack} --start {wildcards.start} --seed {wildcards.seed}")
+        stage("attack", "--start {wildcards.start}")
 
 
 rule stability:
@@ -43,12 +46,12 @@ rule stability:
         parts_of("original_train", "original_val", "defender", "restricted_test"),
         original_model,
     output:
-        str(layout.stability("{experiment}", "{loss}", "{seed}")),
+        directory(str(layout.stability_dir("{experiment}"))),
     params:
         stability=lambda w: exp(w)["stability"],
         sophon=lambda w: exp(w)["sophon"],
     log:
-        str(layout.log("{experiment}", "stability/{loss}/seed_{seed}")),
+        str(layout.log("{experiment}", "stability")),
     threads: 1
     shell:
-        stage("stability", "--loss {wildcards.loss} --seed {wildcards.seed}")
+        stage("stability")

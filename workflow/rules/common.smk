@@ -38,5 +38,3 @@ def original_model(wildcards):
 wildcard_constraints:
     experiment="|".join(EXPERIMENTS),
     start="|".join(layout.STARTS),
-    seed=r"\d+",
-    lr=r"[0-9.eE+-]+",

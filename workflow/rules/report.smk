@@ -12,14 +12,12 @@ def report_outputs(name):
 def report_inputs(name):
     experiment, starts = EXPERIMENTS[name], task(name).starts
     inputs = {
-        "curves": [str(layout.attack_curve(name, a, s, seed)) for a in experiment["attacks"] for s in starts
-                   for seed in experiment["seeds"]],
+        "curves": [str(layout.attack_dir(name, s)) for s in starts],
         "histories": [str(layout.history(name, m)) for m in task(name).models()],
         "cards": [str(layout.model_dir(name, m) / layout.CARD) for m in task(name).models()],
         "search": search_outputs(name),
-        "sweep": [str(layout.sweep_curve(name, lr)) for lr in experiment.get("sweep", {}).get("lrs", [])],
-        "stability": [str(layout.stability(name, loss, seed)) for loss in experiment.get("stability", {}).get("losses", [])
-                      for seed in experiment["stability"]["seeds"]],
+        "sweep": [str(layout.sweep_dir(name))] if "sweep" in experiment else [],
+        "stability": [str(layout.stability_dir(name))] if "stability" in experiment else [],
     }
     if experiment["task"] == "diffusion":
         # The denoising figures load the models and test parts. ancient(): DVC rewrites cached files with new

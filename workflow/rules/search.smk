@@ -26,5 +26,6 @@ rule search:
     log:
         str(layout.log("{experiment}", "search/{start}")),
     threads: 1
+    priority: 5  # the longest jobs after protect: start them before the short attack jobs
     shell:
         stage("search", "--start {wildcards.start}")
