@@ -54,19 +54,35 @@ def score(curve: Sequence[float], higher_is_better: bool) -> float:
     return area if higher_is_better else -area
 
 
-def envelope(runs: Mapping[str, Sequence[Sequence[float]]], higher_is_better: bool) -> dict:
+def best_so_far(curve: Sequence[float], higher_is_better: bool) -> list[float]:
+    """The best value a run holds by each epoch: an attacker keeps its best checkpoint so far (early stopping on
+    what it wants), so a later dip of its training curve costs it nothing. NaN epochs keep the previous best (NaN
+    until a finite value comes)."""
+    out, best = [], math.nan
+    for value in curve:
+        value = float(value)
+        if not math.isnan(value) and (math.isnan(best) or _oriented(value, higher_is_better) > _oriented(best, higher_is_better)):
+            best = value
+        out.append(best)
+    return out
+
+
+def envelope(runs: Mapping[str, Sequence[Sequence[float]]], higher_is_better: bool, *, keep_best: bool = False) -> dict:
     """The attacker's best configuration at each epoch.
 
-    `runs` maps a configuration name to its seed curves (each epochs 0..E, all the same length). At epoch e the
-    configuration whose seed-mean is best at e is picked (first in `runs` order on ties); the result holds that
-    configuration's seed-mean, population std over its seeds and name:
-    ``{"mean": [E+1 floats], "std": [E+1 floats], "config": [E+1 names]}``.
+    `runs` maps a configuration name to its seed curves (each epochs 0..E, all the same length). With `keep_best`
+    every seed curve is first replaced by its `best_so_far` (the attacker keeps its best checkpoint); without, the
+    value at epoch e is the last checkpoint's. At epoch e the configuration whose seed-mean is best at e is picked
+    (first in `runs` order on ties); the result holds that configuration's seed-mean, population std over its seeds
+    and name: ``{"mean": [E+1 floats], "std": [E+1 floats], "config": [E+1 names]}``.
     """
     if not runs:
         raise EnvelopeInputError("envelope of no configurations")
     names, means, stds = [], [], []
     length = None
     for name, seeds in runs.items():
+        if keep_best:
+            seeds = [best_so_far(curve, higher_is_better) for curve in seeds]
         curves = np.asarray(seeds, dtype=float)
         if curves.ndim != 2 or curves.shape[0] == 0 or curves.shape[1] == 0:
             raise EnvelopeInputError(f"configuration {name!r}: expected a non-empty list of equal-length seed curves")

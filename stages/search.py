@@ -58,7 +58,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:  # the start's envelope, as an artifact of the parent run
             runs = {n: c["curves"] for n, c in document["confirmed"].items()}
             figure = Path(folder) / f"envelope_{args.start}.png"
-            figures.envelopes({"starts": {args.start: envelope(runs, objective.higher_is_better)}}, figure,
+            figures.envelopes({"starts": {args.start: envelope(runs, objective.higher_is_better, keep_best=True)}}, figure,
                               ylabel=task.metric.replace("_", " "), title=f"{name}: best confirmed attacker from {args.start}")
             tracked.log_artifact(figure)
         tracked.log_metrics({"seconds": seconds, "runs_computed": counts["computed"], "runs_cached": counts["cached"],

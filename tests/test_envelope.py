@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from sophon.envelope import (EnvelopeInputError, advantage, cost_ratio, default_target, envelope, holds, score,
-                             slice_table, steps_to_reach)
+from sophon.envelope import (EnvelopeInputError, advantage, best_so_far, cost_ratio, default_target, envelope, holds,
+                             score, slice_table, steps_to_reach)
 
 
 def _env(mean, std=None):
@@ -48,6 +48,24 @@ def test_envelope_mse_picks_lowest_and_single_seed_std_is_zero():
     assert env["std"] == [0.0, 0.0, 0.0, 0.0]
     # the same numbers read as accuracy pick the other extreme
     assert envelope(runs, True)["config"] == ["c", "b", "c", "a"]
+
+
+def test_best_so_far_keeps_the_best_checkpoint_in_both_directions():
+    assert best_so_far([10, 50, 40, 60, 55], True) == [10, 50, 50, 60, 60]
+    assert best_so_far([1.0, 0.5, 0.7, 0.3], False) == [1.0, 0.5, 0.5, 0.3]
+    nan = best_so_far([float("nan"), 0.9, float("nan"), 0.95], True)
+    assert math.isnan(nan[0]) and nan[1:] == [0.9, 0.9, 0.95]
+
+
+def test_envelope_keep_best_evens_out_a_dip_before_choosing():
+    # "dips" is best at epoch 2 by its last checkpoint only if its dip is ignored: keep_best holds its epoch-1 peak.
+    runs = {"dips": [[10, 90, 60, 91], [10, 80, 70, 89]],   # best so far: means 10, 85, 85, 90
+            "steady": [[10, 70, 80, 85], [10, 70, 80, 85]]}
+    last = envelope(runs, True)
+    assert last["config"] == ["dips", "dips", "steady", "dips"] and last["mean"] == pytest.approx([10, 85, 80, 90])
+    kept = envelope(runs, True, keep_best=True)
+    assert kept["config"] == ["dips"] * 4 and kept["mean"] == pytest.approx([10, 85, 85, 90])
+    assert kept["std"] == pytest.approx([0, 5, 5, 1])  # seeds hold 90 and 80 at epoch 2, then 91 and 89
 
 
 def test_envelope_never_prefers_nan_and_rejects_ragged_input():

@@ -163,4 +163,6 @@ def test_stage_writes_every_output(project, monkeypatch, capsys):
     assert envelope["starts"]["sophon"]["config"] == ["cfg-a"] * 4
     assert envelope["advantage"]["value"] == pytest.approx(0.0) and envelope["advantage"]["epoch"] == 0
     assert envelope["holds"] is True and envelope["epochs"] == EPOCHS
+    assert envelope["checkpoint"] == "best so far" and envelope["last_checkpoint"]["holds"] is True
     assert "Envelope verdict: protection HOLDS" in out and "Table V: optimiser" in md
+    assert "judged at each run's last checkpoint instead, it holds too" in md

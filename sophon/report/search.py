@@ -16,19 +16,28 @@ def _seed_mean(curves: list[list[float]]) -> list[float]:
     return [sum(values) / len(values) for values in zip(*curves)]
 
 
+def _verdict(starts: dict, higher: bool) -> dict:
+    verdict = env.holds(starts["sophon"], starts["scratch"], higher)
+    return {"advantage": env.advantage(starts["sophon"], starts["scratch"], higher), "holds": verdict["holds"],
+            "violations": verdict["violations"]}
+
+
 def summarize(docs: dict[str, dict], search: dict) -> dict:
     """The `envelope` section of summary.json from the search documents of every start (`docs[start]`)."""
     higher = next(iter(docs.values()))["higher_is_better"]
     space = search["space"]
-    starts = {}
+    starts, last = {}, {}
     for start, doc in docs.items():
-        scores = {name: env.score(_seed_mean(entry["curves"]), higher) for name, entry in doc["confirmed"].items()}
+        runs = {name: entry["curves"] for name, entry in doc["confirmed"].items()}
+        scores = {name: env.score(_seed_mean(curves), higher) for name, curves in runs.items()}
         best = max(scores, key=scores.get)
-        starts[start] = {**env.envelope({name: entry["curves"] for name, entry in doc["confirmed"].items()}, higher),
+        # The verdict's envelope: every run keeps its best checkpoint so far (the attacker's early stopping).
+        starts[start] = {**env.envelope(runs, higher, keep_best=True),
                          "best": best, "coarse_trials": len(doc["coarse"]), "seconds": doc.get("seconds"),
                          "best_config": doc["confirmed"][best]["config"], "best_score": scores[best]}
+        last[start] = env.envelope(runs, higher)
     result = {"epochs": search["epochs"], "metric": "restricted accuracy (%)" if higher else "restricted MSE",
-              "higher_is_better": higher,
+              "higher_is_better": higher, "checkpoint": "best so far",
               "space": {"strategies": space["strategies"], "optimizers": space["optimizers"],
                         "lrs": {o: lr_values(space["lrs"][o]) for o in space["optimizers"]},
                         "batch_sizes": space["batch_sizes"], "schedules": space["schedules"],
@@ -36,13 +45,13 @@ def summarize(docs: dict[str, dict], search: dict) -> dict:
               "budget": {k: search[k] for k in ("trials", "coarse_epochs", "coarse_seed", "confirm_top", "seeds")},
               "starts": starts}
     if "sophon" in starts and "scratch" in starts:
-        sophon, scratch = starts["sophon"], starts["scratch"]
-        result["advantage"] = env.advantage(sophon, scratch, higher)
-        verdict = env.holds(sophon, scratch, higher)
-        result["holds"], result["violations"], result["spread_rule"] = verdict["holds"], verdict["violations"], verdict["rule"]
-        target = env.default_target(scratch, higher, search["cost_target"])
-        runs = {s: [(_seed_mean(c["curves"]), c["steps_per_epoch"]) for c in docs[s]["confirmed"].values()]
-                for s in ("sophon", "scratch")}
+        result.update(_verdict(starts, higher))
+        result["spread_rule"] = env.holds(starts["sophon"], starts["scratch"], higher)["rule"]
+        # The same verdict judged at the last checkpoint of every run (no early stopping), for comparison.
+        result["last_checkpoint"] = _verdict(last, higher)
+        target = env.default_target(starts["scratch"], higher, search["cost_target"])
+        runs = {s: [(_seed_mean([env.best_so_far(c, higher) for c in entry["curves"]]), entry["steps_per_epoch"])
+                    for entry in docs[s]["confirmed"].values()] for s in ("sophon", "scratch")}
         result["cost_target"] = target
         result["cost_ratio"] = env.cost_ratio(runs["sophon"], runs["scratch"], target, higher)
     result["slices"] = {axis: env.slice_table([{"start": s, "name": r["name"], "config": r["config"], "curve": r["curve"]}
@@ -60,14 +69,23 @@ def verdict_line(e: dict) -> str:
              else f"Sophon needs {e['cost_ratio']:.2f}× the attacker steps of scratch")
     target = f"{e['cost_target']:.1f}%" if e["higher_is_better"] else f"MSE {e['cost_target']:.4f}"
     if e["holds"]:
-        return (f"Envelope verdict: protection HOLDS against the strongest searched attacker over {e['epochs']} epochs: "
+        line = (f"Envelope verdict: protection HOLDS against the strongest searched attacker over {e['epochs']} epochs: "
                 f"at no epoch does fine-tuning Sophon beat training from scratch by more than the seeds' spread "
                 f"(largest gain {a['value']:+.4g} {unit} at epoch {a['epoch']}). Cost to reach {target}: {ratio}.")
-    epochs = e["violations"]
-    shown = ", ".join(str(x) for x in epochs[:12]) + (" …" if len(epochs) > 12 else "")
-    return (f"Envelope verdict: protection does NOT hold against the strongest searched attacker: fine-tuning Sophon "
-            f"beats training from scratch beyond the seeds' spread at epochs {shown} (largest gain "
-            f"{a['value']:+.4g} {unit} at epoch {a['epoch']}). Cost to reach {target}: {ratio}.")
+    else:
+        line = (f"Envelope verdict: protection does NOT hold against the strongest searched attacker: fine-tuning "
+                f"Sophon beats training from scratch beyond the seeds' spread at epochs {_epochs(e['violations'])} "
+                f"(largest gain {a['value']:+.4g} {unit} at epoch {a['epoch']}). Cost to reach {target}: {ratio}.")
+    last = e.get("last_checkpoint")
+    if last is not None:
+        line += (" Every run keeps its best checkpoint so far; judged at each run's last checkpoint instead, it "
+                 + ("holds too" if last["holds"] else f"does not hold at epochs {_epochs(last['violations'])}")
+                 + f" (largest gain {last['advantage']['value']:+.4g} {unit} at epoch {last['advantage']['epoch']}).")
+    return line
+
+
+def _epochs(epochs: list[int]) -> str:
+    return ", ".join(str(x) for x in epochs[:12]) + (" …" if len(epochs) > 12 else "")
 
 
 def _fmt(value: float, higher: bool) -> str:
@@ -82,7 +100,7 @@ def section(e: dict, figure: Path, epochs: list[int]) -> Section:
               f"× {e['budget']['coarse_epochs']} epochs at seed {e['budget']['coarse_seed']} (a balanced subsample of "
               f"the grid; from scratch the strategy axis does not apply), then its best {e['budget']['confirm_top']} "
               f"at seeds {e['budget']['seeds']} for {e['epochs']} epochs. The envelope is, at each epoch, the best "
-              f"confirmed configuration's mean ± std over the seeds. Score = area under the curve (mean over epochs 1…E"
+              f"confirmed configuration's mean ± std over the seeds of the best checkpoint each run holds by then. Score = area under the curve (mean over epochs 1…E"
               f"{'' if higher else ', negated MSE'})."]
     shown = [x for x in epochs if x <= e["epochs"]]
     rows = []
