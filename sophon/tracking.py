@@ -3,6 +3,10 @@
 The store defaults to a SQLite file in the project folder (`sqlite:///mlflow.db`, artifacts under
 `mlartifacts/`); MLFLOW_TRACKING_URI overrides it. Snakemake creates the store once before parallel
 jobs start (concurrent first-time creation of one SQLite store races).
+
+A run ends FINISHED, FAILED (the stage raised) or KILLED (SIGINT/SIGTERM, see stages.common.run). A job killed
+with SIGKILL cannot end its own run: each run carries its host and process id, and the next stage or pipeline
+start on that host marks RUNNING runs whose process is gone as KILLED.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +23,8 @@ from pathlib import Path
 INVOCATION_ENV = "SOPHON_INVOCATION"
 DEFAULT_DB = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
+# MLflow 3's UI opens an experiment by its kind: model training (runs, metrics), not GenAI (traces).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def tracking_uri(project_dir: str | Path = ".") -> str:
@@ -46,12 +53,42 @@ def init_store(experiment: str, project_dir: str | Path = ".") -> str:
     mlflow.set_tracking_uri(tracking_uri(project_dir))
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # a store made before the tag was set
+            mlflow.MlflowClient().set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
+        end_orphaned_runs(found.experiment_id)
         return found.experiment_id
     artifacts = (Path(project_dir).resolve() / ARTIFACT_DIR).as_uri()
     try:
-        return mlflow.create_experiment(experiment, artifact_location=artifacts)
+        return mlflow.create_experiment(experiment, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
     except Exception:  # created by a concurrent process in the meantime
         return mlflow.get_experiment_by_name(experiment).experiment_id
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def end_orphaned_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose process is gone; return their ids. Runs of other hosts
+    are left alone (their process cannot be checked from here)."""
+    from mlflow import MlflowClient
+
+    client, host, ended = MlflowClient(), socket.gethostname(), []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000):
+        tags = run.data.tags
+        pid = tags.get("sophon.pid", "")
+        if tags.get("sophon.host") == host and pid.isdigit() and not _alive(int(pid)):
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    if ended:
+        logging.getLogger("sophon.tracking").warning("marked %d run(s) of killed jobs KILLED", len(ended))
+    return ended
 
 
 class StageRun:
@@ -98,14 +135,24 @@ class StageRun:
 
 @contextlib.contextmanager
 def stage_run(stage: str, experiment: str, *, params: dict, tags: dict | None = None, name: str | None = None):
-    """Open one MLflow run for a stage execution; the run is marked FAILED if the stage raises."""
+    """Open one MLflow run for a stage execution; it ends FINISHED, FAILED if the stage raises, KILLED if it is
+    interrupted (KeyboardInterrupt, which stages.common.run raises on SIGTERM too)."""
     import mlflow
 
     experiment_id = init_store(experiment)
-    all_tags = {"sophon.stage": stage, "sophon.invocation": invocation_id(), **(tags or {})}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name or stage, tags=all_tags) as run:
+    all_tags = {"sophon.stage": stage, "sophon.invocation": invocation_id(), "sophon.host": socket.gethostname(),
+                "sophon.pid": str(os.getpid()), **(tags or {})}
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=name or stage, tags=all_tags)
+    try:
         mlflow.log_params(_flatten(params))
         yield StageRun(mlflow, run)
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
 
 
 def _flatten(params: dict, prefix: str = "") -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 import torch
@@ -73,10 +74,20 @@ def run_cache(exp: dict, start: str, objective):
         "data": {part: digests[part]["sha256"] for part in ("adversary", "restricted_test")}})
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run(main) -> None:
-    """Call `main()`; a SophonError ends the process with one line on stderr and exit status 2."""
+    """Call `main()`; a SophonError ends the process with one line on stderr and exit status 2. SIGTERM (what
+    Snakemake and schedulers send to stop a job) is handled like Ctrl-C: the MLflow run ends KILLED, no output
+    is half-written (atomic writes), and the process exits with status 130."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
     except SophonError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted{f' by {exc}' if str(exc) else ''}", file=sys.stderr)
+        sys.exit(130)

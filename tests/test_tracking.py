@@ -1,0 +1,87 @@
+"""MLflow runs end as what happened to their job: KILLED after SIGTERM, and KILLED on the next start after SIGKILL."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("PYTHONPATH", str(PROJECT))
+    from sophon.tracking import init_store
+
+    init_store("killed")  # the store exists before the child processes, as under Snakemake's onstart
+    return tmp_path
+
+
+def _child(code: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _status(run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_run(run_id).info.status
+
+
+def test_sigkilled_job_run_is_marked_killed_on_the_next_start(store):
+    child = _child("""
+        import os, signal
+        from sophon.tracking import stage_run
+        with stage_run("protect", "killed", params={"loops": 3}) as tracked:
+            print(tracked.run.info.run_id, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """, store)
+    out, _ = child.communicate(timeout=120)
+    run_id = out.split()[0]
+    assert child.returncode == -signal.SIGKILL and _status(run_id) == "RUNNING"
+    from sophon.tracking import init_store
+
+    init_store("killed")  # what every stage and the Snakefile's onstart call first
+    assert _status(run_id) == "KILLED"
+
+
+def test_sigterm_ends_the_run_killed_and_the_stage_with_130(store):
+    child = _child("""
+        import time
+        from sophon.tracking import stage_run
+        from stages.common import run
+
+        def main():
+            with stage_run("protect", "killed", params={"loops": 3}) as tracked:
+                print(tracked.run.info.run_id, flush=True)
+                time.sleep(120)
+
+        run(main)
+        """, store)
+    run_id = child.stdout.readline().split()[0]
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130 and "interrupted by SIGTERM" in err
+    assert _status(run_id) == "KILLED"
+
+
+def test_a_live_run_is_left_running(store):
+    from mlflow import MlflowClient
+
+    from sophon.tracking import end_orphaned_runs, init_store, stage_run
+
+    with stage_run("protect", "killed", params={}) as tracked:  # this process: alive
+        assert end_orphaned_runs(init_store("killed")) == []
+        assert MlflowClient().get_run(tracked.run.info.run_id).info.status == "RUNNING"
+    assert _status(tracked.run.info.run_id) == "FINISHED"
+
+
+def test_experiments_are_model_training_experiments(store):
+    import mlflow
+
+    assert mlflow.get_experiment_by_name("killed").tags["mlflow.experimentKind"] == "custom_model_development"
