@@ -80,6 +80,12 @@ def run_cache(experiment: str) -> Path:
     return Path(".cache/runs") / experiment
 
 
+def protect_state(experiment: str) -> Path:
+    """The protect stage's resume state (sophon.protect); outside the outputs, so DVC's removal of outs before a
+    rerun keeps it. Removed when the stage finishes."""
+    return Path(".cache/protect") / experiment
+
+
 # The report's figures per task (reports/<experiment>/<figure>.png).
 REPORT_FIGURES = {"classification": ("restricted_accuracy", "protect_history", "sweep", "envelope"),
                   "diffusion": ("mse_curves", "denoise_restricted", "denoise_original", "stability", "protect_history",

@@ -1,18 +1,25 @@
 """The Sophon loop (paper Eq. 2–6, Algorithm 1): fine-tuning suppression on the restricted domain
 (first-order, outer Adam at α·lr) alternated with normal training reinforcement on the original domain
-(Adam at β·lr), with gradient clipping and a rollback when original-domain quality collapses."""
+(Adam at β·lr), with gradient clipping and a rollback when original-domain quality collapses.
+
+The loop is resumable: with a state folder it saves its full state (weights, both optimisers, the last good
+snapshot, every RNG state, the batch position, the history) every `save_every` loops, and resumes from a state
+it finds there, ending with the same weights as an uninterrupted run (same machine and thread count)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from sophon.data import ImageSet
+from sophon.io import read_state, write_state
 from sophon.objectives import Objective
 from sophon.simulate import sample_task, simulate_finetune
 from sophon.train import endless_batches, progress
@@ -35,6 +42,7 @@ class ProtectSettings:
     clip_norm: float = 0.5
     check_every: int = 25
     rollback_tolerance: float = 10.0  # accuracy points (classification) or relative MSE rise (diffusion)
+    save_every: int = 0  # loops between saved states (with a state folder); 0 = never
     task_space: dict = field(default_factory=lambda: {
         "starts": ["direct", "initFC"], "optimizers": ["adam", "momentum"],
         "lrs": [3e-4, 1e-3, 3e-3], "batch_sizes": [64, 128], "lr_scale": {"momentum": 10.0}})
@@ -52,21 +60,45 @@ class ProtectHistory:
 
 def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, original_train: ImageSet,
             original_val: ImageSet, settings: ProtectSettings, *, seed: int, device: torch.device,
-            on_check: Callable[[dict], None] | None = None) -> ProtectHistory:
-    """Protect `model` in place against fine-tuning on `defender`'s domain and return the loss history."""
+            on_check: Callable[[dict], None] | None = None, state_dir: Path | None = None,
+            state_key: str = "") -> ProtectHistory:
+    """Protect `model` in place against fine-tuning on `defender`'s domain and return the loss history. A state in
+    `state_dir` saved under the same `state_key` (what determines the run: settings, seed, start model, data) is
+    resumed; a state of another key is ignored and overwritten."""
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     suppress_opt = torch.optim.Adam(model.parameters(), lr=settings.alpha * settings.lr)
     normal_opt = torch.optim.Adam(model.parameters(), lr=settings.beta * settings.lr)
     normal_batches = endless_batches(original_train, settings.natural_batch_size, generator)
-    history = ProtectHistory()
 
-    reference = objective.quality(model, original_val, device)
-    last_good = _snapshot(model, suppress_opt, normal_opt)
-    history.checks.append({"loop": 0, "quality": reference, "rolled_back": False})
-    log.info("start: original-domain quality %.4g", reference)
+    saved = read_state(state_dir) if state_dir is not None else None
+    if saved is not None and saved["key"] == state_key:
+        model.load_state_dict(saved["model"])
+        suppress_opt.load_state_dict(saved["suppress_opt"])
+        normal_opt.load_state_dict(saved["normal_opt"])
+        last_good = (saved["last_good"]["model"], saved["last_good"]["optimizers"])
+        torch.set_rng_state(saved["torch_rng"])
+        generator.set_state(saved["generator"])
+        rng.setstate(saved["rng"])
+        normal_batches.restore(saved["normal_batches"])
+        reference, history, first = saved["reference"], ProtectHistory(**saved["history"]), saved["loop"] + 1
+        log.info("resumed from the state saved after loop %d", saved["loop"])
+    else:
+        history, first = ProtectHistory(), 1
+        reference = objective.quality(model, original_val, device)
+        last_good = _snapshot(model, suppress_opt, normal_opt)
+        history.checks.append({"loop": 0, "quality": reference, "rolled_back": False})
+        log.info("start: original-domain quality %.4g", reference)
 
-    bar = progress(range(1, settings.loops + 1), desc="protect", unit="loop")
+    def save(loop: int) -> None:
+        write_state(state_dir, {
+            "key": state_key, "loop": loop, "model": model.state_dict(), "suppress_opt": suppress_opt.state_dict(),
+            "normal_opt": normal_opt.state_dict(), "last_good": {"model": last_good[0], "optimizers": last_good[1]},
+            "torch_rng": torch.get_rng_state(), "generator": generator.get_state(), "rng": rng.getstate(),
+            "normal_batches": normal_batches.state(), "reference": reference, "history": dataclasses.asdict(history)})
+
+    bar = progress(range(first, settings.loops + 1), initial=first - 1, total=settings.loops, desc="protect",
+                   unit="loop")
     for loop in bar:
         # Fine-tuning suppression: each task splits the defender data afresh into fine-tune / eval halves.
         model.train()
@@ -122,6 +154,8 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             history.checks.append(check)
             if on_check is not None:
                 on_check(check)
+        if state_dir is not None and settings.save_every and loop % settings.save_every == 0 and loop < settings.loops:
+            save(loop)
     return history
 
 

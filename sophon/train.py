@@ -44,9 +44,36 @@ def batches(data: ImageSet, batch_size: int, generator: torch.Generator, *, drop
         yield data.images[index], data.labels[index]
 
 
-def endless_batches(data: ImageSet, batch_size: int, generator: torch.Generator) -> Iterator:
-    while True:
-        yield from batches(data, min(batch_size, len(data)), generator, drop_last=True)
+class BatchStream:
+    """Endless shuffled full batches (an epoch's remainder dropped), a new permutation drawn from `generator` when
+    an epoch runs out. Its position is state that `state()`/`restore()` save and set, so a resumed run draws the
+    same batches as an uninterrupted one."""
+
+    def __init__(self, data: ImageSet, batch_size: int, generator: torch.Generator):
+        self.data, self.generator = data, generator
+        self.batch_size = min(batch_size, len(data))
+        self.stop = len(data) - (len(data) % self.batch_size if len(data) > self.batch_size else 0)
+        self.order, self.position = None, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.order is None or self.position >= self.stop:
+            self.order, self.position = torch.randperm(len(self.data), generator=self.generator), 0
+        index = self.order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return self.data.images[index], self.data.labels[index]
+
+    def state(self) -> dict:
+        return {"order": self.order, "position": self.position}
+
+    def restore(self, state: dict) -> None:
+        self.order, self.position = state["order"], int(state["position"])
+
+
+def endless_batches(data: ImageSet, batch_size: int, generator: torch.Generator) -> BatchStream:
+    return BatchStream(data, batch_size, generator)
 
 
 @torch.no_grad()

@@ -6,10 +6,11 @@ training reinforcement on the original domain (sophon.protect, one loop for both
 """
 
 import dataclasses
+import shutil
 import time
 
 from sophon import layout
-from sophon.io import write_json
+from sophon.io import config_hash, read_json, write_json
 from sophon.protect import ProtectSettings, protect
 from sophon.tasks import load_model, task_of
 from sophon.tracking import stage_run
@@ -34,9 +35,14 @@ def main() -> None:
     task, cfg, name = task_of(exp), exp["sophon"], exp["name"]
     original_train, original_val, original_test, defender, restricted_test = parts(
         exp, "original_train", "original_val", "original_test", "defender", "restricted_test")
-    model, _ = load_model(exp, "original", device)
+    model, card = load_model(exp, "original", device)
     seed_everything(cfg["seed"])
     settings = protect_settings(exp)
+    # A killed run resumes from its last saved state when nothing that determines the run has changed.
+    digests = read_json(layout.split_manifest(name))["parts"]
+    state_key = config_hash({"settings": dataclasses.asdict(settings), "seed": cfg["seed"], "task": exp["task"],
+                             "start": card["weights_sha256"], "data": {p: d["sha256"] for p, d in digests.items()}})
+    state_dir = layout.protect_state(name)
     objective = task.objective(exp, device)
     quality = "accuracy" if objective.higher_is_better else "mse"
     began = time.perf_counter()
@@ -47,7 +53,7 @@ def main() -> None:
                                  "rolled_back": int(point["rolled_back"])}, step=point["loop"])
 
         history = protect(model, objective, defender, original_train, original_val, settings, seed=cfg["seed"],
-                          device=device, on_check=on_check)
+                          device=device, on_check=on_check, state_dir=state_dir, state_key=state_key)
         metrics = {f"original_test_{quality}": objective.quality(model, original_test, device),
                    f"restricted_test_{quality}": objective.quality(model, restricted_test, device)}
         seconds = time.perf_counter() - began
@@ -57,6 +63,7 @@ def main() -> None:
                                                     **dataclasses.asdict(history), **metrics, "seconds": seconds})
         task.save(model, exp, "sophon", "sophon", {**metrics, "suppression": cfg["suppression"]})
         tracked.log_artifact(layout.model_dir(name, "sophon") / layout.CARD)
+    shutil.rmtree(state_dir, ignore_errors=True)  # the outputs are complete: nothing to resume
     print(f"Sophon model: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
           + f", {history.rollbacks} rollbacks ({seconds:.0f} s)")
 
