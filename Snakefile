@@ -16,13 +16,20 @@ configfile: "params.yaml"
 # params.yaml (Snakemake would merge the two experiment maps otherwise).
 PARAMS_FILE = os.path.relpath(workflow.overwrite_configfiles[-1]) if workflow.overwrite_configfiles else "params.yaml"
 config.clear()
-config.update(load_params(PARAMS_FILE))
+config.update(load_params(PARAMS_FILE, checked=".snakemake/sophon-checked"))
 EXPERIMENTS = config["experiments"]
 # One tag groups the MLflow runs of this invocation; jobs inherit it through the environment.
 os.environ.setdefault("SOPHON_INVOCATION", uuid.uuid4().hex[:12])
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    experiment="|".join(EXPERIMENTS),
+    start="|".join(layout.STARTS),
+
+
 include: "workflow/rules/train.smk"
 include: "workflow/rules/attack.smk"
 include: "workflow/rules/search.smk"

@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 
 PROJECT = Path(__file__).resolve().parent.parent
-COPIED = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", "sophon", "stages", "configs", ".dvc", ".dvcignore", ".gitignore"]
+COPIED = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", "profiles", "sophon", "stages", "configs", ".dvc", ".dvcignore",
+          ".gitignore", "environment.yml", "requirements.txt"]
 
 
 def copy_project(dest: Path) -> Path:

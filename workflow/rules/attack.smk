@@ -3,13 +3,6 @@
 # the run cache, so editing one attack recomputes only its runs.
 
 
-def attack_inputs(wildcards):
-    name = wildcards.experiment
-    model = [] if wildcards.start == "scratch" else model_inputs(name, wildcards.start)
-    sweep = [str(layout.sweep_dir(name))] if "sweep" in EXPERIMENTS[name] else []
-    return split_inputs(name, "adversary", "restricted_test") + model + sweep
-
-
 rule sweep:
     input:
         parts_of("adversary", "restricted_test"),
@@ -20,7 +13,12 @@ rule sweep:
         sweep=lambda w: exp(w)["sweep"],
     log:
         str(layout.log("{experiment}", "sweep")),
-    threads: 1
+    conda:
+        CONDA_ENV
+    threads: job("sweep", "threads")
+    resources:
+        **resources("sweep"),
+    priority: 6  # every classification attack job waits for its lr: run it before the long searches
     shell:
         stage("attack", "--sweep")
 
@@ -36,7 +34,11 @@ rule attack:
         model=lambda w: (exp(w).get("model") or exp(w).get("unet")) if w.start == "scratch" else None,
     log:
         str(layout.log("{experiment}", "attacks/{start}")),
-    threads: 1
+    conda:
+        CONDA_ENV
+    threads: job("attack", "threads")
+    resources:
+        **resources("attack"),
     shell:
         stage("attack", "--start {wildcards.start}")
 
@@ -52,6 +54,10 @@ rule stability:
         sophon=lambda w: exp(w)["sophon"],
     log:
         str(layout.log("{experiment}", "stability")),
-    threads: 1
+    conda:
+        CONDA_ENV
+    threads: job("stability", "threads")
+    resources:
+        **resources("stability"),
     shell:
         stage("stability")

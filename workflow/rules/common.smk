@@ -1,13 +1,29 @@
-# Shared by the rule files: the stage command, path helpers over sophon.layout, and what each experiment runs.
+# Shared by the rule files (the stage command, path helpers over sophon.layout, what each experiment runs).
 # Commands are `python -m stages.<stage> --params <file> --experiment <name> ...`, exactly as in dvc.yaml;
 # stderr (progress bars, logging) goes to the rule's log.
 from sophon.tasks import get_task
 
-STAGE = "python -m stages.{stage} --params " + PARAMS_FILE + " --experiment {{wildcards.experiment}}"
-
+# One software environment for every rule (used with --software-deployment-method conda); the container image
+# for clusters is built from the Containerfile at the top level.
+CONDA_ENV = os.path.join(workflow.basedir, "environment.yml")
 
 def stage(name, extra=""):
-    return STAGE.format(stage=name) + (" " + extra if extra else "") + " 2> {log}"
+    """The shell command of a stage's jobs (the experiment and log filled in by Snakemake)."""
+    command = f"python -m stages.{name} --params {PARAMS_FILE} --experiment {{wildcards.experiment}}"
+    return f"{command} {extra} 2> {{log}}" if extra else f"{command} 2> {{log}}"
+
+
+def job(stage_name, key):
+    """What a stage's jobs ask for (params.yaml `jobs`, defaults from the schema): the stage's entry over `default`."""
+    return {**config["jobs"]["default"], **config["jobs"].get(stage_name, {})}[key]
+
+
+def resources(stage_name):
+    """Resources of a stage's jobs: memory and runtime for a scheduler, GPUs only when asked for."""
+    found = {"mem_mb": job(stage_name, "mem_mb"), "runtime": job(stage_name, "runtime")}
+    if job(stage_name, "gpus"):
+        found["gpu"] = job(stage_name, "gpus")
+    return found
 
 
 def exp(wildcards):
@@ -19,7 +35,7 @@ def task(name):
 
 
 def split_inputs(name, *parts):
-    return [str(layout.split_part(name, part)) for part in parts] + [str(layout.split_manifest(name))]
+    return [*(str(layout.split_part(name, part)) for part in parts), str(layout.split_manifest(name))]
 
 
 def model_inputs(name, model):
@@ -35,6 +51,54 @@ def original_model(wildcards):
     return model_inputs(wildcards.experiment, "original")
 
 
-wildcard_constraints:
-    experiment="|".join(EXPERIMENTS),
-    start="|".join(layout.STARTS),
+# --- attack, sweep, stability -------------------------------------------------------------------------------
+
+def attack_inputs(wildcards):
+    name = wildcards.experiment
+    model = [] if wildcards.start == "scratch" else model_inputs(name, wildcards.start)
+    sweep = [str(layout.sweep_dir(name))] if "sweep" in EXPERIMENTS[name] else []
+    return [*split_inputs(name, "adversary", "restricted_test"), *model, *sweep]
+
+
+# --- search --------------------------------------------------------------------------------------------------
+
+def search_starts(name):
+    """Training from scratch is always searched, beside the configured models."""
+    return ["scratch", *EXPERIMENTS[name]["search"]["starts"]]
+
+
+def search_outputs(name):
+    return [str(layout.search_result(name, start)) for start in search_starts(name)]
+
+
+def search_inputs(wildcards):
+    model = [] if wildcards.start == "scratch" else model_inputs(wildcards.experiment, wildcards.start)
+    return [*split_inputs(wildcards.experiment, "adversary", "restricted_test"), *model]
+
+
+# --- report --------------------------------------------------------------------------------------------------
+
+def report_outputs(name):
+    folder = layout.report_dir(name)
+    experiment = EXPERIMENTS[name]
+    return [*(str(folder / f) for f in ("summary.json", "report.md", "report.html")),
+            *(str(folder / f"{figure}.png") for figure in layout.REPORT_FIGURES[experiment["task"]]),
+            *(str(folder / "curves" / f"{attack}.csv") for attack in experiment["attacks"])]
+
+
+def report_inputs(name):
+    experiment, starts = EXPERIMENTS[name], task(name).starts
+    inputs = {
+        "curves": [str(layout.attack_dir(name, s)) for s in starts],
+        "histories": [str(layout.history(name, m)) for m in task(name).models()],
+        "cards": [str(layout.model_dir(name, m) / layout.CARD) for m in task(name).models()],
+        "search": search_outputs(name),
+        "sweep": [str(layout.sweep_dir(name))] if "sweep" in experiment else [],
+        "stability": [str(layout.stability_dir(name))] if "stability" in experiment else [],
+    }
+    if experiment["task"] == "diffusion":
+        # The denoising figures load the models and test parts. ancient(): DVC rewrites cached files with new
+        # mtimes; a retrained model reaches the report through the attack curves anyway.
+        inputs["models"] = [ancient(p) for m in task(name).models() for p in model_inputs(name, m)]
+        inputs["parts"] = [ancient(p) for p in split_inputs(name, "original_test", "restricted_test")]
+    return inputs

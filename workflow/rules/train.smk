@@ -9,7 +9,11 @@ rule split:
         data=lambda w: {k: exp(w)[k] for k in ("data", "original", "restricted", "split")},
     log:
         str(layout.log("{experiment}", "split")),
-    threads: 1
+    conda:
+        CONDA_ENV
+    threads: job("split", "threads")
+    resources:
+        **resources("split"),
     shell:
         stage("split")
 
@@ -24,9 +28,11 @@ rule pretrain:
         model=lambda w: {k: exp(w).get(k) for k in ("model", "unet", "augment", "eval", "pretrain")},
     log:
         str(layout.log("{experiment}", "pretrain")),
-    # One thread: a two-thread job waits until both cores are free, and the single-thread attack jobs that
-    # are ready at the start kept it waiting 8 minutes in a measured run (the critical path: pretrain → protect).
-    threads: 1
+    conda:
+        CONDA_ENV
+    threads: job("pretrain", "threads")
+    resources:
+        **resources("pretrain"),
     priority: 10
     shell:
         stage("pretrain")
@@ -43,7 +49,11 @@ rule ntl:
         ntl=lambda w: exp(w)["ntl"],
     log:
         str(layout.log("{experiment}", "ntl")),
-    threads: 1
+    conda:
+        CONDA_ENV
+    threads: job("ntl", "threads")
+    resources:
+        **resources("ntl"),
     shell:
         stage("ntl")
 
@@ -59,7 +69,11 @@ rule protect:
         sophon=lambda w: exp(w)["sophon"],
     log:
         str(layout.log("{experiment}", "protect")),
-    threads: 1  # small inner batches gain little from a second thread; the other core runs attacks meanwhile
+    conda:
+        CONDA_ENV
+    threads: job("protect", "threads")
+    resources:
+        **resources("protect"),
     priority: 10  # the critical path: start it before the attacks that do not need it
     shell:
         stage("protect")
