@@ -32,7 +32,7 @@ import torch
 
 from sophon.attacks import AttackSettings, finetune
 from sophon.envelope import score
-from sophon.io import read_json, write_json
+from sophon.io import code_digest, read_json, write_json
 
 SCRATCH = "scratch"
 
@@ -110,14 +110,6 @@ def top(records: list[dict], k: int, higher_is_better: bool) -> list[dict]:
 
 
 # --- the per-run cache ---------------------------------------------------------------------------------------
-
-def code_digest() -> str:
-    """Hash of the core's source: cached runs of an older core are never reused."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(__file__).resolve().parent.rglob("*.py")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
 
 class RunCache:
     """One JSON file per finished run, keyed by everything that determines its curve: the context (start model,

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from sophon.errors import unknown
 from sophon.io import config_hash
+
+if TYPE_CHECKING:  # the registry itself imports no torch: the Snakefile reads it to build the DAG
+    import torch
 
 
 @dataclass(frozen=True)
@@ -118,13 +119,15 @@ def task_of(experiment: dict) -> Task:
     return get_task(experiment["task"])
 
 
-def new_model(experiment: dict, seed: int, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """A randomly initialised model of the experiment, reproducible for a seed."""
-    torch.manual_seed(seed)
-    return task_of(experiment).build(experiment).to(device)
-
-
 def load_model(experiment: dict, name: str, device: torch.device | str = "cpu"):
     from sophon import layout
 
     return task_of(experiment).load(layout.model_dir(experiment["name"], name), device)
+
+
+def new_model(experiment: dict, seed: int, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A randomly initialised model of the experiment, reproducible for a seed."""
+    import torch
+
+    torch.manual_seed(seed)
+    return task_of(experiment).build(experiment).to(device)

@@ -91,3 +91,23 @@ def test_malformed_yaml_names_the_line(tmp_path):
     bad.write_text("- just a list\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_params(bad)
+
+
+def test_name_checks_are_stamped_per_content(tmp_path, monkeypatch):
+    """The Snakefile's load: a file that passed the name checks under this code skips them next time; a changed
+    file is checked again (and a bad name still fails)."""
+    import sophon.config as config_module
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    path, stamps = tmp_path / "params.yaml", tmp_path / "checked"
+    path.write_text(yaml.safe_dump(params))
+    calls = []
+    real = config_module._check_names
+    monkeypatch.setattr(config_module, "_check_names", lambda config, source: (calls.append(source), real(config, source)))
+    first = load_params(path, checked=stamps)
+    assert load_params(path, checked=stamps) == first and len(calls) == 1 and len(list(stamps.iterdir())) == 1
+    params["experiments"]["quick-classification"]["restricted"]["domain"] = "nope"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match="restricted.domain' = nope: unknown domain"):
+        load_params(path, checked=stamps)
+    assert len(calls) == 2 and len(list(stamps.iterdir())) == 1  # no stamp for a file that failed
