@@ -18,6 +18,7 @@ import os
 import socket
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 INVOCATION_ENV = "SOPHON_INVOCATION"
@@ -57,7 +58,9 @@ def init_store(experiment: str, project_dir: str | Path = ".") -> str:
             mlflow.MlflowClient().set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
         end_orphaned_runs(found.experiment_id)
         return found.experiment_id
-    artifacts = (Path(project_dir).resolve() / ARTIFACT_DIR).as_uri()
+    # The local store keeps artifacts beside the project; a tracking server keeps them where it was told to
+    # (`mlflow server --artifacts-destination`), so every node reaches them through it.
+    artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (Path(project_dir).resolve() / ARTIFACT_DIR).as_uri()
     try:
         return mlflow.create_experiment(experiment, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
     except Exception:  # created by a concurrent process in the meantime
@@ -91,6 +94,27 @@ def end_orphaned_runs(experiment_id: str) -> list[str]:
     return ended
 
 
+# The split parts this process read (name, path, sha256, rows): stage_run logs them as the run's inputs.
+_INPUTS: list[tuple[str, Path, str, int]] = []
+
+
+def note_input(name: str, path: str | Path, sha256: str, rows: int) -> None:
+    _INPUTS.append((name, Path(path), sha256, rows))
+
+
+def _log_inputs(mlflow_module) -> None:
+    """Each split part read as an MLflow dataset (metadata only: its file, digest and size), context = the part."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    for name, path, sha256, rows in _INPUTS:
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and says so
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(path.resolve()))
+        dataset = MetaDataset(source, name=f"{path.parent.name}/{name}", digest=sha256[:16])
+        mlflow_module.log_input(dataset, context=name, tags={"rows": str(rows)})
+
+
 class StageRun:
     """Thin wrapper so stages log without importing mlflow themselves."""
 
@@ -109,6 +133,25 @@ class StageRun:
 
     def set_tag(self, key: str, value) -> None:
         self._mlflow.set_tag(key, str(value))
+
+    def log_checkpoint(self, folder: str | Path, registered_name: str) -> str:
+        """Log a checkpoint folder (safetensors + card) as an MLflow model of this run and register it as a new
+        version of `registered_name` in the model registry; return the version. The model loads through
+        sophon/mlflow_model.py (models-from-code, the sophon package shipped with it): no pickle."""
+        from sophon.io import read_json
+
+        sophon_dir = Path(__file__).resolve().parent
+        card = read_json(Path(folder) / "model.json")
+        info = self._mlflow.pyfunc.log_model(
+            name="model", python_model=str(sophon_dir / "mlflow_model.py"), artifacts={"checkpoint": str(folder)},
+            code_paths=[str(sophon_dir)], pip_requirements=_requirements(),
+            registered_model_name=registered_name, metadata={"card": card})
+        version = info.registered_model_version
+        client = self._mlflow.MlflowClient()
+        for key in ("weights_sha256", "architecture", "stage", "suppression", "config_hash"):
+            if key in card:
+                client.set_model_version_tag(registered_name, str(version), key, str(card[key]))
+        return str(version)
 
     def child(self, name: str, *, params: dict, metrics: dict, curve: tuple[str, list[float]] | None = None,
               steps: list[int] | None = None, tags: dict | None = None) -> None:
@@ -133,6 +176,15 @@ class StageRun:
         client.set_terminated(child.info.run_id, "FINISHED")
 
 
+def _requirements() -> list[str]:
+    """The pinned packages the logged model needs (from requirements.txt when present)."""
+    path = Path(__file__).resolve().parent.parent / "requirements.txt"
+    wanted = ("torch==", "torchvision==", "timm==", "diffusers==", "safetensors==", "numpy==", "mlflow==")
+    if not path.exists():
+        return ["torch", "timm", "diffusers", "safetensors", "numpy"]
+    return [line.strip() for line in path.read_text().splitlines() if line.strip().startswith(wanted)]
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, experiment: str, *, params: dict, tags: dict | None = None, name: str | None = None):
     """Open one MLflow run for a stage execution; it ends FINISHED, FAILED if the stage raises, KILLED if it is
@@ -145,6 +197,7 @@ def stage_run(stage: str, experiment: str, *, params: dict, tags: dict | None = 
     run = mlflow.start_run(experiment_id=experiment_id, run_name=name or stage, tags=all_tags)
     try:
         mlflow.log_params(_flatten(params))
+        _log_inputs(mlflow)
         yield StageRun(mlflow, run)
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")

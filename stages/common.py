@@ -35,12 +35,21 @@ def setup(args) -> tuple[dict, torch.device]:
 
 
 def parts(exp: dict, *names: str):
-    """Split parts of the experiment, each checked against the split manifest."""
+    """Split parts of the experiment, each checked against the split manifest; each becomes an input (an MLflow
+    dataset with its digest) of the stage's run."""
     from sophon import layout
     from sophon.data.splits import load_part
+    from sophon.io import read_json
+    from sophon.tracking import note_input
 
     manifest = layout.split_manifest(exp["name"])
-    return [load_part(layout.split_part(exp["name"], name), manifest) for name in names]
+    digests = read_json(manifest)["parts"]
+    loaded = []
+    for name in names:
+        path = layout.split_part(exp["name"], name)
+        loaded.append(load_part(path, manifest))
+        note_input(name, path, digests[name]["sha256"], len(loaded[-1]))
+    return loaded
 
 
 def start_builder(exp: dict, start: str, device):

@@ -85,3 +85,22 @@ def test_experiments_are_model_training_experiments(store):
     import mlflow
 
     assert mlflow.get_experiment_by_name("killed").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_split_parts_read_are_logged_as_run_inputs(store):
+    from mlflow import MlflowClient
+
+    from sophon import tracking
+
+    part = store / "data" / "exp" / "adversary.safetensors"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"x")
+    tracking.note_input("adversary", part, "ab" * 32, 1000)
+    try:
+        with tracking.stage_run("attack", "killed", params={}) as tracked:
+            run_id = tracked.run.info.run_id
+    finally:
+        tracking._INPUTS.clear()
+    inputs = MlflowClient().get_run(run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("exp/adversary", "ab" * 8)]
+    assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "adversary"
