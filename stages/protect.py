@@ -63,6 +63,9 @@ def main() -> None:
                                                     **dataclasses.asdict(history), **metrics, "seconds": seconds})
         task.save(model, exp, "sophon", "sophon", {**metrics, "suppression": cfg["suppression"]})
         tracked.log_artifact(layout.model_dir(name, "sophon") / layout.CARD)
+        # The released model in MLflow's registry: a new version of `sophon-<experiment>` per protect run.
+        version = tracked.log_checkpoint(layout.model_dir(name, "sophon"), f"sophon-{name}")
+        tracked.set_tag("sophon.registered_version", version)
     shutil.rmtree(state_dir, ignore_errors=True)  # the outputs are complete: nothing to resume
     print(f"Sophon model: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
           + f", {history.rollbacks} rollbacks ({seconds:.0f} s)")

@@ -84,6 +84,26 @@ def test_mlflow_holds_one_run_per_job_grouped_by_invocation(project):
     assert children["stability"] == len(gen["stability"]["losses"]) * len(gen["stability"]["seeds"])
 
 
+def test_released_models_are_registered_and_load_without_pickle(project):
+    import mlflow
+    import numpy as np
+    from mlflow import MlflowClient
+
+    root, params, _ = project
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)  # this process may have pointed MLflow at another test's store
+    mlflow.set_registry_uri(store)
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    for name in (CLS, GEN):
+        versions = client.search_model_versions(f"name = 'sophon-{name}'")
+        card = json.loads((root / "models" / name / "sophon" / "model.json").read_text())
+        assert len(versions) == 1 and versions[0].tags["weights_sha256"] == card["weights_sha256"], name
+    model = mlflow.pyfunc.load_model(f"models:/sophon-{CLS}/1")
+    size = params["experiments"][CLS]["data"]["image_size"]
+    logits = model.predict(np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32))
+    assert logits.shape == (2, params["experiments"][CLS]["model"]["num_classes"])
+
+
 def test_nothing_left_to_do_then_dvc_reruns_only_the_edited_attack(project):
     root, params, _ = project
     assert not [j for j in snakemake_dry_run(root) if j["rule"] != "all"]
