@@ -107,8 +107,8 @@ def _decode(node, tensors: dict):
 
 
 def write_state(folder, state: dict) -> None:
-    """Save a nested training state (dicts, lists, tuples, tensors, plain values) to `folder` atomically:
-    `state-<n>.safetensors` first, then `state.json`, which names it and its digest; older tensor files go last,
+    """Save a nested training state (dicts, lists, tuples, tensors, plain values) to `folder` atomically: a new
+    `state-<id>.safetensors` first, then `state.json`, which names it and its digest; older tensor files go last,
     so a kill at any point leaves the previous complete state readable."""
     from safetensors.torch import save_file
 

@@ -67,7 +67,7 @@ def start_builder(exp: dict, start: str, device):
 
 def run_cache(exp: dict, start: str, objective):
     """The cache of finished fine-tuning runs from one start (sophon.search.RunCache), keyed by the start model's
-    weights (its architecture from scratch), the objective and the data the runs read."""
+    weights (its architecture from scratch), the objective and its settings, and the data the runs read."""
     from sophon import layout
     from sophon.io import read_json
     from sophon.search import RunCache
@@ -78,8 +78,10 @@ def run_cache(exp: dict, start: str, objective):
     else:
         model = {"weights": read_json(layout.model_dir(name, start) / layout.CARD)["weights_sha256"]}
     digests = read_json(layout.split_manifest(name))["parts"]
+    # The objective's settings change every curve (diffusion: the metric's noise repeats, the augmentation).
+    objective_key = {"class": type(objective).__name__, **{k: exp[k] for k in ("eval", "augment") if k in exp}}
     return RunCache(layout.run_cache(name), {
-        "start": start, "model": model, "objective": type(objective).__name__,
+        "start": start, "model": model, "objective": objective_key,
         "data": {part: digests[part]["sha256"] for part in ("adversary", "restricted_test")}})
 
 

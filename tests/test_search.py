@@ -102,3 +102,22 @@ def test_search_finds_the_planted_best_and_caches_every_run(tmp_path):
 def test_trial_settings_carry_the_schedule(schedule):
     settings = Trial("scratch", "adamw", 1e-3, 8, schedule, 0.01).settings(epochs=5, lora_rank=4)
     assert settings.strategy == "direct+all" and settings.schedule == schedule and settings.weight_decay == 0.01
+
+
+def test_run_cache_key_follows_the_objective_settings(tmp_path, monkeypatch):
+    """A diffusion run measured with other noise repeats or augmentation is another run, never a cache hit."""
+    import json
+
+    from sophon import layout
+    from stages.common import run_cache
+
+    monkeypatch.chdir(tmp_path)
+    manifest = layout.split_manifest("gen")
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"parts": {p: {"sha256": p} for p in ("adversary", "restricted_test")}}))
+    exp = {"name": "gen", "unet": {"layers": 1}, "eval": {"seed": 0, "repeats": 8}, "augment": {"flip": True}}
+    settings = Trial("scratch", "adam", 1e-3, 8).settings(2, 4)
+    key = run_cache(exp, "scratch", object()).key(settings, 0, from_scratch=True)
+    fewer = run_cache({**exp, "eval": {"seed": 0, "repeats": 4}}, "scratch", object())
+    assert fewer.key(settings, 0, from_scratch=True) != key
+    assert run_cache(dict(exp), "scratch", object()).key(settings, 0, from_scratch=True) == key
