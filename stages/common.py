@@ -34,21 +34,28 @@ def setup(args) -> tuple[dict, torch.device]:
     return chosen, resolve_device(config["device"])
 
 
+def split_digests(exp: dict) -> dict[str, str]:
+    """Part name → SHA-256 of the experiment's split, from its manifest."""
+    from sophon import layout
+    from sophon.io import read_json
+
+    return {part: entry["sha256"] for part, entry in read_json(layout.split_manifest(exp["name"]))["parts"].items()}
+
+
 def parts(exp: dict, *names: str):
     """Split parts of the experiment, each checked against the split manifest; each becomes an input (an MLflow
     dataset with its digest) of the stage's run."""
     from sophon import layout
     from sophon.data.splits import load_part
-    from sophon.io import read_json
     from sophon.tracking import note_input
 
     manifest = layout.split_manifest(exp["name"])
-    digests = read_json(manifest)["parts"]
+    digests = split_digests(exp)
     loaded = []
     for name in names:
         path = layout.split_part(exp["name"], name)
         loaded.append(load_part(path, manifest))
-        note_input(name, path, digests[name]["sha256"], len(loaded[-1]))
+        note_input(name, path, digests[name], len(loaded[-1]))
     return loaded
 
 
@@ -77,12 +84,12 @@ def run_cache(exp: dict, start: str, objective):
         model = exp.get("model") or exp.get("unet")
     else:
         model = {"weights": read_json(layout.model_dir(name, start) / layout.CARD)["weights_sha256"]}
-    digests = read_json(layout.split_manifest(name))["parts"]
+    digests = split_digests(exp)
     # The objective's settings change every curve (diffusion: the metric's noise repeats, the augmentation).
     objective_key = {"class": type(objective).__name__, **{k: exp[k] for k in ("eval", "augment") if k in exp}}
     return RunCache(layout.run_cache(name), {
         "start": start, "model": model, "objective": objective_key,
-        "data": {part: digests[part]["sha256"] for part in ("adversary", "restricted_test")}})
+        "data": {part: digests[part] for part in ("adversary", "restricted_test")}})
 
 
 def _interrupt(signum, frame):

@@ -10,12 +10,12 @@ import shutil
 import time
 
 from sophon import layout
-from sophon.io import config_hash, read_json, write_json
+from sophon.io import config_hash, write_json
 from sophon.protect import ProtectSettings, protect
 from sophon.tasks import load_model, task_of
 from sophon.tracking import stage_run
 from sophon.train import seed_everything
-from stages.common import parser, parts, run, setup
+from stages.common import parser, parts, run, setup, split_digests
 
 
 def protect_settings(exp: dict, **changes) -> ProtectSettings:
@@ -39,9 +39,8 @@ def main() -> None:
     seed_everything(cfg["seed"])
     settings = protect_settings(exp)
     # A killed run resumes from its last saved state when nothing that determines the run has changed.
-    digests = read_json(layout.split_manifest(name))["parts"]
     state_key = config_hash({"settings": dataclasses.asdict(settings), "seed": cfg["seed"], "task": exp["task"],
-                             "start": card["weights_sha256"], "data": {p: d["sha256"] for p, d in digests.items()}})
+                             "start": card["weights_sha256"], "data": split_digests(exp)})
     state_dir = layout.protect_state(name)
     objective = task.objective(exp, device)
     quality = "accuracy" if objective.higher_is_better else "mse"
