@@ -125,6 +125,23 @@ def _check_names(config: dict, source: str) -> None:
                 raise ConfigError(f"{source}: key '{at}.attacks.{name}.method' = {attack['method']}: unknown attack "
                                   f"method; known: {', '.join(sorted(ATTACKS))}")
         check_search(exp["search"], exp["task"], f"{at}.search", source)
+        _check_simulated_starts(exp["sophon"], exp["task"], f"{at}.sophon", source)
+
+
+def _check_simulated_starts(sophon: dict, task: str, key: str, source: str) -> None:
+    """The simulation's starts and the probe attack are strategies of the task (lora is no simulated start)."""
+    from sophon.simulate import START_ALIASES
+    from sophon.strategies import check_strategy
+
+    named = [(f"{key}.task_space.starts", s) for s in sophon["task_space"]["starts"]]
+    for where, strategy in [*named, (f"{key}.probe.strategy", sophon["probe"]["strategy"])]:
+        strategy = START_ALIASES.get(strategy, strategy)
+        if strategy == "lora" and where.endswith("starts"):
+            raise ConfigError(f"{source}: key '{where}' = lora: LoRA is an attack, not a simulated start")
+        try:
+            check_strategy(strategy, task)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: key '{where}' = {strategy}: {exc}") from None
 
 
 def experiment(config: dict, name: str | None, source: str = "params.yaml") -> dict:

@@ -159,7 +159,8 @@ class DiffusionObjective:
     higher_is_better = False
 
     def __init__(self, suppression: str = "dos", device: torch.device | None = None, *, scheduler=None,
-                 augment_flip: bool = True, augment_shift: int = 2, eval_seed: int = 0, eval_repeats: int = 8):
+                 augment_flip: bool = True, augment_shift: int = 2, eval_seed: int = 0, eval_repeats: int = 8,
+                 suppress_timesteps: tuple[int, int] | None = None):
         if suppression not in SUPPRESSION_LOSSES:
             raise ConfigError(f"diffusion suppression loss {suppression!r} is not one of {', '.join(SUPPRESSION_LOSSES)}")
         self.suppression = suppression
@@ -168,25 +169,29 @@ class DiffusionObjective:
         self.scheduler = scheduler or make_scheduler()
         self.augment_flip, self.augment_shift = augment_flip, augment_shift
         self.eval_seed, self.eval_repeats = eval_seed, eval_repeats
+        total = self.scheduler.config.num_train_timesteps
+        low, high = suppress_timesteps or (0, total)
+        if not 0 <= low < high <= total:
+            raise ConfigError(f"sophon.suppress_timesteps: [{low}, {high}] is not a range within [0, {total}]")
+        self.suppress_timesteps = None if (low, high) == (0, total) else (low, high)  # None: as in training
 
-    def _batch(self, forward, images, generator):
+    def _batch(self, forward, images, generator, timesteps: tuple[int, int] | None = None):
         images = augment(images, generator, flip=self.augment_flip, shift=self.augment_shift)
-        x_t, noise, t = noised(self.scheduler, to_signed(images, self.device), generator)
+        t = None if timesteps is None else torch.randint(*timesteps, (len(images),), generator=generator)
+        x_t, noise, t = noised(self.scheduler, to_signed(images, self.device), generator, t)
         return predict_noise(forward, x_t, t), noise
 
     def finetune_loss(self, forward, images, labels, generator):
         return F.mse_loss(*self._batch(forward, images, generator))
 
     def suppression_loss(self, forward, images, labels, generator):
-        predicted, noise = self._batch(forward, images, generator)
+        """On timesteps drawn from `suppress_timesteps` (all by default): at large t the input carries little
+        of the image, so suppressing there fights the original domain's reinforcement."""
+        predicted, noise = self._batch(forward, images, generator, self.suppress_timesteps)
         return self.suppress(predicted, noise)
 
     def quality(self, model, data, device):
         return evaluate_mse(model, data, self.scheduler, device, seed=self.eval_seed, repeats=self.eval_repeats)
-
-    def fresh_head(self, model) -> dict[str, torch.Tensor]:
-        """A UNet has no classification head: the only fine-tuning start is `direct`."""
-        return {}
 
 
 # --- stability (paper §5.8, Fig. 14) -----------------------------------------------------------------------

@@ -27,8 +27,6 @@ class Objective(Protocol):
 
     def quality(self, model, data: ImageSet, device) -> float: ...
 
-    def fresh_head(self, model) -> dict[str, torch.Tensor]: ...
-
 
 class ClassificationObjective:
     """Cross-entropy for fine-tuning and reinforcement; ICE or KLU (or −CE) for suppression; accuracy."""
@@ -47,10 +45,3 @@ class ClassificationObjective:
 
     def quality(self, model, data, device):
         return evaluate_accuracy(model, data, device)
-
-    def fresh_head(self, model) -> dict[str, torch.Tensor]:
-        """Parameters of a newly initialised last FC layer, keyed by their names in `model` (initFC)."""
-        head = model.net.get_classifier()
-        fresh = torch.nn.Linear(head.in_features, head.out_features).to(head.weight.device)
-        prefix = next(name for name, module in model.named_modules() if module is head)
-        return {f"{prefix}.weight": fresh.weight.detach(), f"{prefix}.bias": fresh.bias.detach()}

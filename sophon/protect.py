@@ -2,6 +2,11 @@
 (first-order, outer Adam at α·lr) alternated with normal training reinforcement on the original domain
 (Adam at β·lr), with gradient clipping and a rollback when original-domain quality collapses.
 
+Beyond the paper (each a setting; the defaults are the paper's): simulated starts that re-initialise more than the
+head, lr schedules in the simulation, inner steps weighted up towards the end of the simulated fine-tune, and
+releasing the checkpoint that a held-out probe attack finds hardest to fine-tune rather than the last one.
+`variant_name` says which of these a run used; the model card and the report carry it.
+
 The loop is resumable: with a state folder it saves its full state (weights, both optimisers, the last good
 snapshot, every RNG state, the batch position, the history) every `save_every` loops, and resumes from a state
 it finds there, ending with the same weights as an uninterrupted run (same machine and thread count)."""
@@ -19,9 +24,10 @@ from typing import Callable
 import torch
 
 from sophon.data import ImageSet
+from sophon.errors import ConfigError
 from sophon.io import read_state, write_state
 from sophon.objectives import Objective
-from sophon.simulate import sample_task, simulate_finetune
+from sophon.simulate import START_ALIASES, sample_task, simulate_finetune
 from sophon.train import endless_batches, progress
 
 log = logging.getLogger("sophon.protect")
@@ -43,9 +49,33 @@ class ProtectSettings:
     check_every: int = 25
     rollback_tolerance: float = 10.0  # accuracy points (classification) or relative MSE rise (diffusion)
     save_every: int = 0  # loops between saved states (with a state folder); 0 = never
+    step_weighting: str = "uniform"  # or "exponential": later inner steps weigh more (sophon.simulate.step_weights)
+    late_weight: float = 1.0  # exponential: the last evaluation point's weight relative to the first
+    select: str = "last"  # or "probe": release the check whose probe fine-tune did worst on the restricted domain
+    probe: dict = field(default_factory=lambda: dict(PROBE))  # sophon.attacks.AttackSettings fields
     task_space: dict = field(default_factory=lambda: {
         "starts": ["direct", "initFC"], "optimizers": ["adam", "momentum"],
         "lrs": [3e-4, 1e-3, 3e-3], "batch_sizes": [64, 128], "lr_scale": {"momentum": 10.0}})
+
+
+PROBE = {"strategy": "initFC+all", "optimizer": "adagrad", "lr": 0.01, "batch_size": 100, "epochs": 2,
+         "schedule": "constant", "weight_decay": 0.0}
+SELECTIONS = ("last", "probe")
+
+
+def variant_name(settings: ProtectSettings) -> str:
+    """`paper` for the paper's Sophon, else `paper + <each change>`: what the card and the report name."""
+    starts = {START_ALIASES.get(s, s) for s in settings.task_space.get("starts", [])}
+    changes = []
+    if starts - {"direct+all", "initFC+all"}:
+        changes.append("starts " + "/".join(sorted(starts - {"direct+all", "initFC+all"})))
+    if set(settings.task_space.get("schedules", ["constant"])) - {"constant"}:
+        changes.append("scheduled inner lrs")
+    if settings.step_weighting != "uniform" and settings.late_weight != 1.0:
+        changes.append(f"{settings.step_weighting} step weights ×{settings.late_weight:g}")
+    if settings.select != "last":
+        changes.append(f"{settings.select}-selected checkpoint")
+    return " + ".join(["paper", *changes])
 
 
 @dataclass
@@ -56,6 +86,8 @@ class ProtectHistory:
     checks: list[dict] = field(default_factory=list)  # {"loop", "quality", "rolled_back"}
     rollbacks: int = 0
     nonfinite: int = 0  # loops whose suppression loss was NaN/inf (their update is skipped)
+    probes: list[dict] = field(default_factory=list)  # {"loop", "score"}: the probe attack at each good check
+    selected_loop: int | None = None  # the loop whose weights were released
 
 
 def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, original_train: ImageSet,
@@ -71,6 +103,11 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
     normal_opt = torch.optim.Adam(model.parameters(), lr=settings.beta * settings.lr)
     normal_batches = endless_batches(original_train, settings.natural_batch_size, generator)
 
+    if settings.select not in SELECTIONS:
+        raise ConfigError(f"sophon.select: {settings.select!r} is not one of {', '.join(SELECTIONS)}")
+    probe = Probe(settings.probe, objective, defender, seed=seed, device=device)
+    best: dict | None = None  # the probe-selected weights: {"loop", "score", "model"}
+
     saved = read_state(state_dir) if state_dir is not None else None
     if saved is not None and saved["key"] == state_key:
         model.load_state_dict(saved["model"])
@@ -82,6 +119,7 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
         rng.setstate(saved["rng"])
         normal_batches.restore(saved["normal_batches"])
         reference, history, first = saved["reference"], ProtectHistory(**saved["history"]), saved["loop"] + 1
+        best = saved.get("best")
         log.info("resumed from the state saved after loop %d", saved["loop"])
     else:
         history, first = ProtectHistory(), 1
@@ -95,7 +133,8 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             "key": state_key, "loop": loop, "model": model.state_dict(), "suppress_opt": suppress_opt.state_dict(),
             "normal_opt": normal_opt.state_dict(), "last_good": {"model": last_good[0], "optimizers": last_good[1]},
             "torch_rng": torch.get_rng_state(), "generator": generator.get_state(), "rng": rng.getstate(),
-            "normal_batches": normal_batches.state(), "reference": reference, "history": dataclasses.asdict(history)})
+            "normal_batches": normal_batches.state(), "reference": reference, "history": dataclasses.asdict(history),
+            **({"best": best} if best is not None else {})})
 
     bar = progress(range(first, settings.loops + 1), initial=first - 1, total=settings.loops, desc="protect",
                    unit="loop")
@@ -110,7 +149,8 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             result = simulate_finetune(
                 model, objective, sample_task(settings.task_space, rng), defender.subset(order[:half]),
                 defender.subset(order[half:]), steps=settings.inner_steps, eval_every=settings.eval_every,
-                eval_batch_size=settings.eval_batch_size, generator=generator)
+                eval_batch_size=settings.eval_batch_size, generator=generator, weighting=settings.step_weighting,
+                late_weight=settings.late_weight)
             for name, grad in result.grads.items():
                 total[name] += grad / settings.tasks_per_loop
             losses.append(result.suppression_loss)
@@ -150,13 +190,52 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
                             settings.rollback_tolerance, reference)
             else:
                 last_good = _snapshot(model, suppress_opt, normal_opt)
+                if settings.select == "probe":
+                    score = probe(model)
+                    history.probes.append({"loop": loop, "score": score})
+                    if best is None or probe.better_for_defender(score, best["score"]):
+                        best = {"loop": loop, "score": score, "model": copy.deepcopy(model.state_dict())}
             check = {"loop": loop, "quality": quality, "rolled_back": collapsed, "suppression_loss": suppression}
             history.checks.append(check)
             if on_check is not None:
                 on_check(check)
         if state_dir is not None and settings.save_every and loop % settings.save_every == 0 and loop < settings.loops:
             save(loop)
+    history.selected_loop = settings.loops
+    if best is not None:
+        model.load_state_dict(best["model"])
+        history.selected_loop = best["loop"]
+        log.info("released the weights of loop %d (probe score %.4g)", best["loop"], best["score"])
     return history
+
+
+class Probe:
+    """A held-out attack run at every good check (`select: probe`): a short fine-tune of a copy of the model on one
+    half of the defender's data, scored on the other half (mean quality over its epochs, as the lr sweep scores)."""
+
+    def __init__(self, spec: dict, objective: Objective, defender: ImageSet, *, seed: int, device: torch.device):
+        from sophon.attacks import AttackSettings
+
+        unknown_keys = set(spec) - {f.name for f in dataclasses.fields(AttackSettings)}
+        if unknown_keys:
+            raise ConfigError(f"sophon.probe: unknown keys {', '.join(sorted(unknown_keys))}")
+        self.settings = AttackSettings(**spec)
+        self.objective, self.seed, self.device = objective, seed, device
+        order = torch.randperm(len(defender), generator=torch.Generator().manual_seed(seed + 1))
+        half = len(order) // 2
+        self.train, self.test = defender.subset(order[:half]), defender.subset(order[half:])
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        from sophon.attacks import finetune, sweep_score
+
+        with torch.random.fork_rng(devices=[]):
+            curve = finetune(copy.deepcopy(model), self.train, self.test, self.settings, seed=self.seed,
+                             device=self.device, objective=self.objective)
+        return sweep_score(curve)
+
+    def better_for_defender(self, score: float, than: float) -> bool:
+        """Lower restricted accuracy (classification) or higher MSE (diffusion) after the probe is better."""
+        return score < than if self.objective.higher_is_better else score > than
 
 
 def _collapsed(objective: Objective, quality: float, reference: float, tolerance: float) -> bool:

@@ -1,13 +1,20 @@
 """Fine-tuning simulation (paper §4.1): run an adversary's fine-tune functionally and collect the
 first-order gradient of the aggregated suppression loss (Eq. 4–5).
 
-The model module is never copied: adapted weights live in a dict of tensors that real torch.optim
+The model module is never trained: adapted weights live in a dict of tensors that real torch.optim
 optimisers update, and `torch.func.functional_call` runs the module with them. BatchNorm running
 statistics are cloned into that dict too, so the simulation never touches the model's own buffers.
+
+A simulated start is a fine-tuning strategy of sophon.strategies (the attack search's names): `direct+all`,
+`initFC+all`, `initFC+FC`, `reinit<k>+all`, `reinit_up+all`. What a strategy re-initialises gets fresh values
+and no suppression gradient (a fresh tensor's gradient says nothing about the released one); what it freezes
+is not updated. The paper's two starts are `direct` and `initFC` (accepted as aliases).
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import random
 from dataclasses import dataclass
 
@@ -15,19 +22,25 @@ import torch
 from torch.func import functional_call
 
 from sophon.data import ImageSet
+from sophon.errors import ConfigError
 from sophon.objectives import Objective
-from sophon.optim import make_optimizer
+from sophon.optim import make_optimizer, make_schedule
 from sophon.train import endless_batches
+
+START_ALIASES = {"direct": "direct+all", "initFC": "initFC+all"}  # the paper's names
+STEP_WEIGHTINGS = ("uniform", "exponential")
 
 
 @dataclass(frozen=True)
 class SimulatedTask:
-    """One sampled fine-tuning environment: strategy (start, optimiser, lr, batch size)."""
+    """One sampled fine-tuning environment: start strategy, optimiser, lr, batch size, lr schedule."""
 
-    start: str  # "direct" or "initFC"
+    start: str  # a sophon.strategies name (or a paper alias)
     optimizer: str
     lr: float
     batch_size: int
+    schedule: str = "constant"
+    seed: int = 0  # the start's re-initialisation
 
 
 def sample_task(space: dict, rng: random.Random) -> SimulatedTask:
@@ -35,46 +48,91 @@ def sample_task(space: dict, rng: random.Random) -> SimulatedTask:
     optimizer = rng.choice(space["optimizers"])
     scale = space.get("lr_scale", {}).get(optimizer, 1.0)
     return SimulatedTask(start=rng.choice(space["starts"]), optimizer=optimizer,
-                         lr=rng.choice(space["lrs"]) * scale, batch_size=rng.choice(space["batch_sizes"]))
+                         lr=rng.choice(space["lrs"]) * scale, batch_size=rng.choice(space["batch_sizes"]),
+                         schedule=rng.choice(space.get("schedules", ["constant"])), seed=rng.randrange(2**31))
+
+
+def step_weights(points: int, scheme: str = "uniform", late_weight: float = 1.0) -> list[float]:
+    """Weights of the suppression loss at the simulation's evaluation points, summing to 1. `exponential`:
+    geometric growth from the first point to the last, which weighs `late_weight` times the first (the
+    tamper-resistance training of Tamirisa et al. weighs later steps up so the trap holds far down the path)."""
+    if scheme not in STEP_WEIGHTINGS:
+        raise ConfigError(f"inner-step weighting {scheme!r} is not one of {', '.join(STEP_WEIGHTINGS)}")
+    if scheme == "uniform" or points == 1:
+        raw = [1.0] * points
+    else:
+        raw = [math.exp(math.log(late_weight) * j / (points - 1)) for j in range(points)]
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+def eval_points(steps: int, eval_every: int) -> list[int]:
+    """Inner steps after which the suppression loss is taken: 0, every `eval_every`-th step, and the last."""
+    return sorted(set(range(0, steps + 1, eval_every)) | {steps})
 
 
 @dataclass
 class SimulationResult:
-    grads: dict[str, torch.Tensor]  # mean first-order gradient of the suppression loss, by parameter name
-    suppression_loss: float  # mean over the evaluation points
+    grads: dict[str, torch.Tensor]  # weighted first-order gradient of the suppression loss, by parameter name
+    suppression_loss: float  # weighted mean over the evaluation points
     final_suppression_loss: float  # after the last inner step
+
+
+def simulated_start(model: torch.nn.Module, strategy: str, seed: int) -> tuple[dict[str, torch.Tensor], set[str], set[str]]:
+    """(fresh values by parameter name, names re-initialised, names the strategy trains) for `strategy`, prepared
+    by sophon.strategies on a copy, so the attack search and the simulation mean the same thing by a name."""
+    from sophon.strategies import prepare
+
+    strategy = START_ALIASES.get(strategy, strategy)
+    if strategy == "lora":
+        raise ConfigError("sophon.task_space.starts: lora is an attack, not a simulated start")
+    if strategy == "direct+all":
+        return {}, set(), {name for name, _ in model.named_parameters()}
+    replica = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):  # prepare() seeds torch's global generator; keep the caller's
+        prepared = prepare(replica, strategy, seed=seed)
+    values = dict(replica.named_parameters())
+    trainable = {id(p) for p in prepared.trainable}
+    fresh = {name: values[name].detach() for name in prepared.reinitialised}
+    return fresh, set(prepared.reinitialised), {name for name, p in values.items() if id(p) in trainable}
 
 
 def simulate_finetune(model: torch.nn.Module, objective: Objective, task: SimulatedTask, finetune_data: ImageSet,
                       eval_data: ImageSet, *, steps: int, eval_every: int, eval_batch_size: int,
-                      generator: torch.Generator) -> SimulationResult:
-    """K = `steps` inner steps; the suppression loss is evaluated on held-out restricted data before the
-    first step, every `eval_every` steps and after the last, each with the adapted weights (uniform weights)."""
-    params = {name: p.detach().clone().requires_grad_(True) for name, p in model.named_parameters()}
+                      generator: torch.Generator, weighting: str = "uniform", late_weight: float = 1.0,
+                      ) -> SimulationResult:
+    """K = `steps` inner steps; the suppression loss is evaluated on held-out restricted data at `eval_points`,
+    each with the adapted weights, and the gradients are combined with `step_weights`."""
+    fresh, reinitialised, trained = simulated_start(model, task.start, task.seed)
+    params = {name: fresh.get(name, p.detach()).clone().requires_grad_(name in trained)
+              for name, p in model.named_parameters()}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    frozen_out: set[str] = set()
-    if task.start == "initFC":
-        for name, value in objective.fresh_head(model).items():
-            params[name] = value.clone().requires_grad_(True)
-            frozen_out.add(name)  # a fresh head's gradient says nothing about the released head
+    targets = [name for name in params if name not in reinitialised]
 
     def forward(*args):
         return functional_call(model, (params, buffers), args)
 
-    optimizer = make_optimizer(task.optimizer, list(params.values()), task.lr)
-    targets = [name for name in params if name not in frozen_out]
+    optimizer = make_optimizer(task.optimizer, [params[n] for n in params if n in trained], task.lr)
+    scheduler = make_schedule(task.schedule, optimizer, steps)
+    points = eval_points(steps, eval_every)
+    weights = dict(zip(points, step_weights(len(points), weighting, late_weight)))
     grads = {name: torch.zeros_like(params[name]) for name in targets}
     train_batches = endless_batches(finetune_data, task.batch_size, generator)
     eval_batches = endless_batches(eval_data, eval_batch_size, generator)
-    losses = []
+    weighted, last = 0.0, 0.0
     model.train()
     for step in range(steps + 1):
-        if step % eval_every == 0 or step == steps:
+        if step in weights:
             images, labels = next(eval_batches)
+            # Frozen tensors take part too: the gradient is first-order in every released weight.
+            with_grad = [params[n].requires_grad_(True) for n in targets]
             loss = objective.suppression_loss(forward, images, labels, generator)
-            for name, grad in zip(targets, torch.autograd.grad(loss, [params[n] for n in targets])):
-                grads[name] += grad
-            losses.append(loss.item())
+            for name, grad in zip(targets, torch.autograd.grad(loss, with_grad)):
+                grads[name] += weights[step] * grad
+            for name in targets:
+                params[name].requires_grad_(name in trained)
+            last = loss.item()
+            weighted += weights[step] * last
         if step == steps:
             break
         images, labels = next(train_batches)
@@ -82,4 +140,6 @@ def simulate_finetune(model: torch.nn.Module, objective: Objective, task: Simula
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return SimulationResult({n: g / len(losses) for n, g in grads.items()}, sum(losses) / len(losses), losses[-1])
+        if scheduler is not None:
+            scheduler.step()
+    return SimulationResult(grads, weighted, last)

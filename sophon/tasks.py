@@ -92,7 +92,8 @@ def _diffusion_objective(experiment: dict, device, suppression: str | None = Non
 
     return DiffusionObjective(suppression or experiment["sophon"]["suppression"], device,
                               augment_flip=experiment["augment"]["flip"], augment_shift=experiment["augment"]["shift"],
-                              eval_seed=experiment["eval"]["seed"], eval_repeats=experiment["eval"]["repeats"])
+                              eval_seed=experiment["eval"]["seed"], eval_repeats=experiment["eval"]["repeats"],
+                              suppress_timesteps=experiment["sophon"].get("suppress_timesteps"))
 
 
 def _load_unet(folder, device):

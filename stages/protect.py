@@ -11,7 +11,7 @@ import time
 
 from sophon import layout
 from sophon.io import config_hash, write_json
-from sophon.protect import ProtectSettings, protect
+from sophon.protect import ProtectSettings, protect, variant_name
 from sophon.tasks import load_model, task_of
 from sophon.tracking import stage_run
 from sophon.train import seed_everything
@@ -19,13 +19,10 @@ from stages.common import parser, parts, run, setup, split_digests
 
 
 def protect_settings(exp: dict, **changes) -> ProtectSettings:
-    """ProtectSettings from the experiment's `sophon` section; a UNet is only ever fine-tuned directly."""
-    cfg = exp["sophon"]
+    """ProtectSettings from the experiment's `sophon` section (with `changes` on top, e.g. an ablation's)."""
+    cfg = {**exp["sophon"], **changes}
     fields = {f.name for f in dataclasses.fields(ProtectSettings)}
     values = {k: v for k, v in cfg.items() if k in fields}
-    if exp["task"] == "diffusion":
-        values["task_space"] = {"starts": ["direct"], **cfg["task_space"]}
-    values.update(changes)
     return ProtectSettings(**values)
 
 
@@ -60,14 +57,18 @@ def main() -> None:
                              "seconds": seconds})
         write_json(layout.history(name, "sophon"), {"settings": dataclasses.asdict(settings),
                                                     **dataclasses.asdict(history), **metrics, "seconds": seconds})
-        task.save(model, exp, "sophon", "sophon", {**metrics, "suppression": cfg["suppression"]})
+        variant = variant_name(settings)
+        tracked.set_tag("sophon.variant", variant)
+        task.save(model, exp, "sophon", "sophon", {**metrics, "suppression": cfg["suppression"], "variant": variant,
+                                                   "selected_loop": history.selected_loop,
+                                                   "protect_settings": dataclasses.asdict(settings)})
         tracked.log_artifact(layout.model_dir(name, "sophon") / layout.CARD)
         # The released model in MLflow's registry: a new version of `sophon-<experiment>` per protect run.
         version = tracked.log_checkpoint(layout.model_dir(name, "sophon"), f"sophon-{name}")
         tracked.set_tag("sophon.registered_version", version)
     shutil.rmtree(state_dir, ignore_errors=True)  # the outputs are complete: nothing to resume
-    print(f"Sophon model: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-          + f", {history.rollbacks} rollbacks ({seconds:.0f} s)")
+    print(f"Sophon model ({variant}, weights of loop {history.selected_loop}): "
+          + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f", {history.rollbacks} rollbacks ({seconds:.0f} s)")
 
 
 if __name__ == "__main__":

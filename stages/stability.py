@@ -32,7 +32,7 @@ def main() -> None:
     original_train, original_val, defender, restricted_test = parts(
         exp, "original_train", "original_val", "defender", "restricted_test")
     # Same settings as the protect stage but no rollback and no intermediate checks: the loss runs its course.
-    settings = protect_settings(exp, loops=cfg["loops"], check_every=cfg["loops"], rollback_tolerance=1e30)
+    settings = protect_settings(exp, loops=cfg["loops"], check_every=cfg["loops"], rollback_tolerance=1e30, select="last")
     with stage_run("stability", name, name="stability", params=cfg) as tracked:
         for loss in cfg["losses"]:
             objective = task_of(exp).objective(exp, device, suppression=loss)

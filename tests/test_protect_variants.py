@@ -1,0 +1,225 @@
+"""What the protect stage adds beyond the paper: simulated starts that re-initialise more than the head, inner-step
+weighting, the probe-selected checkpoint, diffusion suppression on a timestep range, and the variant's name."""
+
+import copy
+
+import pytest
+import torch
+import yaml
+
+from sophon.config import load_params
+from sophon.data import DomainRequest, ImageSet, load_domain
+from sophon.errors import ConfigError
+from sophon.models import build_classifier, head_parameter_names
+from sophon.objectives import ClassificationObjective
+from sophon.protect import Probe, ProtectSettings, protect, variant_name
+from sophon.simulate import SimulatedTask, eval_points, simulate_finetune, simulated_start, step_weights
+from sophon.strategies import model_stages, prepare
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    shapes = load_domain("shapes10", DomainRequest(size=16, options={"n": 120}))
+    digits = load_domain("digits", DomainRequest(size=16))
+    return shapes, digits.subset(range(120))
+
+
+def model():
+    torch.manual_seed(0)
+    return build_classifier("test_resnet", 10)
+
+
+# --- simulated starts --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["reinit1+all", "reinit2+all", "initFC+FC", "initFC"])
+def test_simulated_start_reinitialises_what_the_attack_strategy_does(strategy):
+    net = model()
+    fresh, reinitialised, trained = simulated_start(net, strategy, seed=5)
+    # The same names as the attack's own preparation of a copy, and the model itself untouched.
+    expected = prepare(copy.deepcopy(net), {"initFC": "initFC+all"}.get(strategy, strategy), seed=5)
+    assert reinitialised == set(expected.reinitialised) == set(fresh)
+    head = head_parameter_names(net)
+    assert head <= reinitialised
+    if strategy.startswith("reinit"):
+        k = int(strategy[len("reinit")])
+        stages = model_stages(net)
+        for stage in stages[-k:]:
+            assert any(name.startswith(f"{stage}.") for name in reinitialised), stage
+        assert not any(name.startswith(f"{stages[-k - 1]}.") for name in reinitialised)
+    params, prepared = dict(net.named_parameters()), dict(expected.model.named_parameters())
+    for name, value in fresh.items():
+        assert torch.equal(value, prepared[name]), name  # the same fresh values for the same seed
+        assert value.dim() == 1 or not torch.equal(value, params[name]), name
+    assert trained == (head if strategy == "initFC+FC" else set(params))
+
+
+@pytest.mark.parametrize("strategy", ["reinit1+all", "initFC+FC"])
+def test_simulation_gives_no_gradient_to_fresh_tensors_and_keeps_the_model(tiny, strategy):
+    _, defender = tiny
+    net = model()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    task = SimulatedTask(start=strategy, optimizer="adam", lr=1e-3, batch_size=16, schedule="cosine", seed=1)
+    result = simulate_finetune(net, ClassificationObjective("klu"), task, defender.subset(range(60)),
+                               defender.subset(range(60, 120)), steps=3, eval_every=1, eval_batch_size=16,
+                               generator=torch.Generator().manual_seed(0))
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    _, reinitialised, _ = simulated_start(net, strategy, seed=1)
+    assert set(result.grads) == {n for n, _ in net.named_parameters()} - reinitialised
+    assert any(g.abs().sum() > 0 for name, g in result.grads.items() if name.startswith("net.layer1."))
+
+
+def test_lora_is_not_a_simulated_start():
+    with pytest.raises(ConfigError, match="lora is an attack"):
+        simulated_start(model(), "lora", seed=0)
+
+
+# --- inner-step weighting -----------------------------------------------------------------------------------
+
+def test_step_weights_are_geometric_and_sum_to_one():
+    uniform = step_weights(4)
+    assert uniform == pytest.approx([0.25] * 4)
+    weights = step_weights(5, "exponential", 16.0)
+    assert sum(weights) == pytest.approx(1.0)
+    assert weights[-1] / weights[0] == pytest.approx(16.0)
+    ratios = [b / a for a, b in zip(weights, weights[1:])]
+    assert ratios == pytest.approx([2.0] * 4)  # 16^(1/4)
+    assert step_weights(1, "exponential", 16.0) == [1.0]
+    with pytest.raises(ConfigError, match="weighting 'linear'"):
+        step_weights(3, "linear")
+    assert eval_points(10, 4) == [0, 4, 8, 10] and eval_points(4, 1) == [0, 1, 2, 3, 4]
+
+
+class _Drift(torch.nn.Module):
+    """One parameter vector w; the forward pass returns it whatever the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([3.0, -1.0], dtype=torch.float64))
+
+    def forward(self, images):
+        return self.w
+
+
+class _Quadratic:
+    """Fine-tuning loss Σw (SGD moves every entry by −lr per step); suppression ½‖w‖² (gradient w)."""
+
+    higher_is_better = True
+
+    def finetune_loss(self, forward, images, labels, generator):
+        return forward(images).sum()
+
+    def suppression_loss(self, forward, images, labels, generator):
+        return 0.5 * forward(images).pow(2).sum()
+
+
+@pytest.mark.parametrize("weighting,late", [("uniform", 1.0), ("exponential", 8.0)])
+def test_inner_step_weighting_matches_the_closed_form(weighting, late):
+    """After k SGD steps w_k = w_0 − k·lr, so the collected gradient is Σ_j weight_j · w_{k_j} over the points."""
+    data = ImageSet(torch.zeros(8, 1, 2, 2, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64), ("x",))
+    net, lr, steps, every = _Drift(), 0.1, 6, 2
+    task = SimulatedTask(start="direct", optimizer="sgd", lr=lr, batch_size=4)
+    result = simulate_finetune(net, _Quadratic(), task, data, data, steps=steps, eval_every=every, eval_batch_size=4,
+                               generator=torch.Generator().manual_seed(0), weighting=weighting, late_weight=late)
+    points = eval_points(steps, every)
+    weights = step_weights(len(points), weighting, late)
+    w0 = net.w.detach()
+    expected = sum(wt * (w0 - k * lr) for wt, k in zip(weights, points))
+    torch.testing.assert_close(result.grads["w"], expected)
+    expected_loss = sum(wt * 0.5 * (w0 - k * lr).pow(2).sum().item() for wt, k in zip(weights, points))
+    assert result.suppression_loss == pytest.approx(expected_loss)
+    assert result.final_suppression_loss == pytest.approx(0.5 * (w0 - steps * lr).pow(2).sum().item())
+
+
+# --- checkpoint selection -----------------------------------------------------------------------------------
+
+def _settings(**changes):
+    return ProtectSettings(**{**dict(loops=4, inner_steps=2, eval_every=1, eval_batch_size=16, natural_steps=1,
+                                     natural_batch_size=16, check_every=1, rollback_tolerance=100.0,
+                                     task_space={"starts": ["direct"], "optimizers": ["adam"], "lrs": [1e-2],
+                                                 "batch_sizes": [16]},
+                                     probe={"strategy": "initFC+all", "optimizer": "adam", "lr": 1e-3,
+                                            "batch_size": 30, "epochs": 1}), **changes})
+
+
+def test_probe_selection_releases_the_check_the_probe_found_hardest(tiny):
+    shapes, defender = tiny
+    net = model()
+    history = protect(net, ClassificationObjective("ice"), defender, shapes, shapes, _settings(select="probe"),
+                      seed=0, device=CPU)
+    assert [p["loop"] for p in history.probes] == [1, 2, 3, 4]
+    scores = [p["score"] for p in history.probes]
+    assert history.selected_loop == history.probes[scores.index(min(scores))]["loop"]
+    # The released weights are exactly those of an unselected run stopped at the selected loop.
+    same = model()
+    protect(same, ClassificationObjective("ice"), defender, shapes, shapes,
+            _settings(select="last", loops=history.selected_loop), seed=0, device=CPU)
+    for (name, a), b in zip(net.state_dict().items(), same.state_dict().values()):
+        assert torch.equal(a, b), name
+    # The probe's score of the released weights is the selected one.
+    probe = Probe(_settings().probe, ClassificationObjective("ice"), defender, seed=0, device=CPU)
+    assert probe(net) == pytest.approx(min(scores))
+
+
+def test_last_selection_releases_the_last_loop(tiny):
+    shapes, defender = tiny
+    history = protect(model(), ClassificationObjective("ice"), defender, shapes, shapes, _settings(loops=2),
+                      seed=0, device=CPU)
+    assert history.selected_loop == 2 and history.probes == []
+
+
+def test_probe_direction_follows_the_objective():
+    class Lower:
+        higher_is_better = False
+
+    data = ImageSet(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64), ("x",))
+    accuracy = Probe({"epochs": 1}, ClassificationObjective(), data, seed=0, device=CPU)
+    mse = Probe({"epochs": 1}, Lower(), data, seed=0, device=CPU)
+    assert accuracy.better_for_defender(10.0, 20.0) and not accuracy.better_for_defender(20.0, 10.0)
+    assert mse.better_for_defender(0.9, 0.1) and not mse.better_for_defender(0.1, 0.9)
+    with pytest.raises(ConfigError, match="sophon.probe: unknown keys steps"):
+        Probe({"steps": 3}, Lower(), data, seed=0, device=CPU)
+
+
+# --- diffusion timesteps, names, config ---------------------------------------------------------------------
+
+def test_diffusion_suppression_draws_timesteps_from_its_range():
+    from sophon.diffusion import DiffusionObjective
+
+    seen = []
+
+    def forward(x_t, t):
+        seen.append(t.clone())
+        return torch.zeros_like(x_t)
+
+    images = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8)
+    ranged = DiffusionObjective("dos", suppress_timesteps=(10, 20))
+    ranged.suppression_loss(forward, images, None, torch.Generator().manual_seed(0))
+    ranged.finetune_loss(forward, images, None, torch.Generator().manual_seed(0))
+    assert seen[0].min() >= 10 and seen[0].max() < 20 and seen[1].max() >= 20  # fine-tuning keeps all of them
+    with pytest.raises(ConfigError, match=r"suppress_timesteps: \[20, 10\]"):
+        DiffusionObjective("dos", suppress_timesteps=(20, 10))
+
+
+def test_variant_name_lists_each_change_from_the_paper():
+    assert variant_name(ProtectSettings()) == "paper"
+    changed = ProtectSettings(step_weighting="exponential", late_weight=4.0, select="probe",
+                              task_space={"starts": ["direct", "reinit1+all"], "schedules": ["constant", "cosine"]})
+    assert variant_name(changed) == ("paper + starts reinit1+all + scheduled inner lrs + exponential step weights ×4 "
+                                     "+ probe-selected checkpoint")
+
+
+@pytest.mark.parametrize("start,message", [("lora", "LoRA is an attack"), ("reinit_up+all", "not allowed for classification"),
+                                           ("initFC+all", None)])
+def test_config_checks_simulated_starts_by_key(tmp_path, project_dir, start, message):
+    params = yaml.safe_load(open(f"{project_dir}/params.yaml"))
+    params["experiments"]["quick-classification"]["sophon"]["task_space"]["starts"] = [start]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    if message is None:
+        load_params(path)
+        return
+    with pytest.raises(ConfigError, match="quick-classification.sophon.task_space.starts' = .*" + message):
+        load_params(path)
