@@ -63,18 +63,22 @@ PROBE = {"strategy": "initFC+all", "optimizer": "adagrad", "lr": 0.01, "batch_si
 SELECTIONS = ("last", "probe")
 
 
-def variant_name(settings: ProtectSettings) -> str:
+def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None = None) -> str:
     """`paper` for the paper's Sophon, else `paper + <each change>`: what the card and the report name."""
     starts = {START_ALIASES.get(s, s) for s in settings.task_space.get("starts", [])}
     changes = []
     if starts - {"direct+all", "initFC+all"}:
         changes.append("starts " + "/".join(sorted(starts - {"direct+all", "initFC+all"})))
+    if set(settings.task_space.get("optimizers", [])) - {"adam", "momentum"}:
+        changes.append("optimizers " + "/".join(sorted(set(settings.task_space["optimizers"]) - {"adam", "momentum"})))
     if set(settings.task_space.get("schedules", ["constant"])) - {"constant"}:
         changes.append("scheduled inner lrs")
     if settings.step_weighting != "uniform" and settings.late_weight != 1.0:
         changes.append(f"{settings.step_weighting} step weights ×{settings.late_weight:g}")
     if settings.select != "last":
         changes.append(f"{settings.select}-selected checkpoint")
+    if suppress_timesteps is not None:
+        changes.append(f"suppression on t in [{suppress_timesteps[0]}, {suppress_timesteps[1]})")
     return " + ".join(["paper", *changes])
 
 

@@ -206,9 +206,11 @@ def test_diffusion_suppression_draws_timesteps_from_its_range():
 def test_variant_name_lists_each_change_from_the_paper():
     assert variant_name(ProtectSettings()) == "paper"
     changed = ProtectSettings(step_weighting="exponential", late_weight=4.0, select="probe",
-                              task_space={"starts": ["direct", "reinit1+all"], "schedules": ["constant", "cosine"]})
-    assert variant_name(changed) == ("paper + starts reinit1+all + scheduled inner lrs + exponential step weights ×4 "
-                                     "+ probe-selected checkpoint")
+                              task_space={"starts": ["direct", "reinit1+all"], "schedules": ["constant", "cosine"],
+                                          "optimizers": ["adam", "adagrad"]})
+    assert variant_name(changed, [0, 500]) == (
+        "paper + starts reinit1+all + optimizers adagrad + scheduled inner lrs + exponential step weights ×4 "
+        "+ probe-selected checkpoint + suppression on t in [0, 500)")
 
 
 @pytest.mark.parametrize("start,message", [("lora", "LoRA is an attack"), ("reinit_up+all", "not allowed for classification"),
