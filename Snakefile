@@ -28,12 +28,14 @@ include: "workflow/rules/common.smk"
 wildcard_constraints:
     experiment="|".join(EXPERIMENTS),
     start="|".join(layout.STARTS),
+    variant="[a-z][a-z0-9_]*",
 
 
 include: "workflow/rules/train.smk"
 include: "workflow/rules/attack.smk"
 include: "workflow/rules/search.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/ablation.smk"
 
 
 rule all:

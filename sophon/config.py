@@ -126,6 +126,11 @@ def _check_names(config: dict, source: str) -> None:
                                   f"method; known: {', '.join(sorted(ATTACKS))}")
         check_search(exp["search"], exp["task"], f"{at}.search", source)
         _check_simulated_starts(exp["sophon"], exp["task"], f"{at}.sophon", source)
+        for variant, changes in exp["ablation"]["variants"].items():
+            unknown_keys = sorted(set(changes) - set(exp["sophon"]))
+            if unknown_keys:
+                raise ConfigError(f"{source}: key '{at}.ablation.variants.{variant}' changes {', '.join(unknown_keys)}, "
+                                  f"which the sophon section does not have; its keys: {', '.join(sorted(exp['sophon']))}")
 
 
 def _check_simulated_starts(sophon: dict, task: str, key: str, source: str) -> None:

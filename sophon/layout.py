@@ -74,6 +74,25 @@ def search_result(experiment: str, start: str) -> Path:
     return results(experiment) / "search" / f"{start}.json"
 
 
+def ablation_dir(experiment: str) -> Path:
+    """The ablation of the protect stage's settings (stages.ablation), outside the default target."""
+    return results(experiment) / "ablation"
+
+
+def ablation_result(experiment: str, variant: str) -> Path:
+    return ablation_dir(experiment) / f"{variant}.json"
+
+
+def ablation_table(experiment: str) -> Path:
+    """Beside the variants' folder, not in it (DVC's table stage depends on that folder)."""
+    return results(experiment) / "ablation.md"
+
+
+def ablation_model(experiment: str, variant: str) -> str:
+    """The model name (models/<experiment>/<name>) of a variant's protected model."""
+    return f"ablation/{variant}"
+
+
 def run_cache(experiment: str) -> Path:
     """Finished fine-tuning runs (search and paired attacks) by content key (sophon.search.RunCache); not a
     pipeline output, so never deleted by it."""

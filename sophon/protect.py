@@ -77,7 +77,7 @@ def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None
         changes.append(f"{settings.step_weighting} step weights ×{settings.late_weight:g}")
     if settings.select != "last":
         changes.append(f"{settings.select}-selected checkpoint")
-    if suppress_timesteps is not None:
+    if suppress_timesteps is not None and list(suppress_timesteps) != [0, 1000]:  # 1,000: the DDPM's steps
         changes.append(f"suppression on t in [{suppress_timesteps[0]}, {suppress_timesteps[1]})")
     return " + ".join(["paper", *changes])
 

@@ -37,6 +37,12 @@ def figure_paths(exp: dict) -> dict:
 
 def write_common(exp: dict, summary: dict, document, images: dict, csvs: dict[str, str], tracked) -> None:
     out = layout.report_dir(exp["name"])
+    # Which protect variant made the released model (its card says; `paper` is the paper's Sophon).
+    card = read_card(layout.model_dir(exp["name"], "sophon"))
+    summary["sophon_variant"] = {"name": card.get("variant", "paper"), "selected_loop": card.get("selected_loop")}
+    loop = card.get("selected_loop")
+    document.sections[0].blocks.insert(1, f"Sophon variant: {summary['sophon_variant']['name']}"
+                                          + (f" (released weights of loop {loop})." if loop is not None else "."))
     write_json(out / "summary.json", summary)
     for name, text in csvs.items():
         write_text(out / "curves" / f"{name}.csv", text)

@@ -38,6 +38,7 @@ def tiny_params(path: Path) -> dict:
         for attack in exp["attacks"].values():
             attack["epochs"] = 2
         shrink_search(exp["search"])
+        exp["ablation"]["variants"] = {"paper": exp["ablation"]["variants"]["paper"]}
         exp["pretrain"].update(epochs=1)
         if exp["task"] == "classification":
             exp["original"].update(options={"n": 200}, test_samples=100)

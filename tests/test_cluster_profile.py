@@ -18,7 +18,9 @@ def test_jobs_go_through_the_submit_script_with_their_resources(tmp_path):
     params["jobs"] = {"default": {"threads": 1, "mem_mb": 1234, "runtime": 7, "gpus": 0}, "pretrain": {"runtime": 9}}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     target = f"models/{CLS}/original/model.json"
-    run([bin_path("snakemake"), "--profile", "profiles/cluster-generic", target], root)
+    # Status rounds every second, not the default 10 s: the two jobs take seconds.
+    run([bin_path("snakemake"), "--profile", "profiles/cluster-generic", "--seconds-between-status-checks", "1", target],
+        root)
     assert (root / target).exists()
     with open(root / ".snakemake" / "local-submit" / "submitted.tsv") as handle:
         submitted = [row for row in csv.reader(handle, delimiter="\t")]

@@ -32,7 +32,7 @@ def dvc_stages(root: Path) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
     root = copy_project(tmp_path_factory.mktemp("agree"))
-    jobs = [job for job in snakemake_dry_run(root, "--forceall") if job["cmd"]]
+    jobs = [job for job in snakemake_dry_run(root, "--forceall", "all", "ablation") if job["cmd"]]
     return {job["cmd"]: job for job in jobs}, dvc_stages(root), root
 
 

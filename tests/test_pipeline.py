@@ -104,12 +104,30 @@ def test_released_models_are_registered_and_load_without_pickle(project):
     assert logits.shape == (2, params["experiments"][CLS]["model"]["num_classes"])
 
 
+def test_ablation_target_tables_the_paper_and_the_pipeline_model(project):
+    """`snakemake ablation`, outside the default target: each variant protects the original model and meets the
+    Sophon start's search; the table holds it beside the pipeline's own Sophon model, under the variants' names."""
+    root, params, _ = project
+    run([bin_path("snakemake"), "--cores", "2", "ablation"], root)
+    for name in (CLS, GEN):
+        table = json.loads((root / "results" / name / "ablation.json").read_text())
+        rows = {row["variant"]: row for row in table["rows"]}
+        assert set(rows) == {"paper", "pipeline (params.yaml)"}
+        assert rows["paper"]["name"] == "paper" and rows["pipeline (params.yaml)"]["name"].startswith("paper + ")
+        for row in rows.values():
+            assert isinstance(row["holds"], bool) and set(row["gain_at"]) <= {"20", "50"}
+        card = json.loads((root / "models" / name / "ablation" / "paper" / "model.json").read_text())
+        assert card["variant"] == "paper" and card["protect_settings"]["select"] == "last"
+        assert "| paper | paper |" in (root / "results" / name / "ablation.md").read_text()
+    assert not [j for j in snakemake_dry_run(root, "ablation") if j["rule"] != "ablation"]
+
+
 def test_nothing_left_to_do_then_dvc_reruns_only_the_edited_attack(project):
     root, params, _ = project
     assert not [j for j in snakemake_dry_run(root) if j["rule"] != "all"]
     dvc = bin_path("dvc")
-    run([dvc, "commit", "-f", "-q"], root)  # adopt the outputs Snakemake made as DVC's current state
-    assert "up to date" in run([dvc, "status"], root).stdout
+    run([dvc, "commit", "-f", "-q", "dvc.yaml"], root)  # adopt the outputs Snakemake made as DVC's current state
+    assert "up to date" in run([dvc, "status", "dvc.yaml"], root).stdout
     # DVC's commit rewrote its file outputs with new mtimes (not the folders' contents); `snakemake --touch` makes
     # Snakemake adopt them as they are, the README's recipe after `dvc commit`, `dvc checkout` or `dvc pull`.
     run([bin_path("snakemake"), "--touch", "--cores", "1"], root)
@@ -119,7 +137,7 @@ def test_nothing_left_to_do_then_dvc_reruns_only_the_edited_attack(project):
     edited["experiments"][CLS]["attacks"]["initfc_fc"]["epochs"] = 3
     (root / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
 
-    changed = [line.rstrip(":") for line in run([dvc, "status"], root).stdout.splitlines()
+    changed = [line.rstrip(":") for line in run([dvc, "status", "dvc.yaml"], root).stdout.splitlines()
                if line and not line.startswith((" ", "\t"))]
     assert sorted(changed) == sorted([f"attack_scratch-{CLS}", f"attack-{CLS}@original", f"attack-{CLS}@ntl",
                                       f"attack-{CLS}@sophon"]), changed
@@ -141,12 +159,12 @@ def test_nothing_left_to_do_then_dvc_reruns_only_the_edited_attack(project):
 def test_one_search_value_reruns_only_the_searches_and_the_report(project):
     root, params, _ = project
     dvc = bin_path("dvc")
-    assert "up to date" in run([dvc, "status"], root).stdout
+    assert "up to date" in run([dvc, "status", "dvc.yaml"], root).stdout
     edited = yaml.safe_load((root / "params.yaml").read_text())
     edited["experiments"][GEN]["search"]["space"]["lrs"]["adam"]["high"] = 0.002
     (root / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
 
-    changed = sorted(line.rstrip(":") for line in run([dvc, "status"], root).stdout.splitlines()
+    changed = sorted(line.rstrip(":") for line in run([dvc, "status", "dvc.yaml"], root).stdout.splitlines()
                      if line and not line.startswith((" ", "\t")))
     assert changed == sorted([f"search_scratch-{GEN}", f"search-{GEN}@original", f"search-{GEN}@sophon"]), changed
     # The generation report's target only: the classification attacks the previous test reran through DVC are

@@ -1,0 +1,134 @@
+"""Stage `ablation`: which of the protect stage's changes from the paper make the protection hold. Each variant
+of the experiment's `ablation.variants` (overrides of its `sophon` section) protects the original model, then meets
+the Sophon start's attack search (the same design, budget and seeds as the pipeline's) and is judged against the
+pipeline's search from scratch. `--table` puts the variants and the pipeline's own Sophon model side by side.
+
+    python -m stages.ablation --experiment quick-classification --variant paper
+    python -m stages.ablation --experiment quick-classification --table
+
+Not part of `snakemake` (the default target): `snakemake ablation` runs it, `dvc repro ablation-<experiment>` too.
+"""
+
+import dataclasses
+import time
+
+from sophon import layout
+from sophon.errors import ConfigError
+from sophon.io import read_json, write_json, write_text
+from sophon.protect import protect, variant_name
+from sophon.report.search import summarize
+from sophon.search import run_search
+from sophon.tasks import load_model, task_of
+from sophon.tracking import stage_run
+from sophon.train import seed_everything
+from stages.common import parser, parts, run, run_cache, setup
+from stages.protect import protect_settings
+
+AT_EPOCHS = (20, 50)
+
+
+def quality_name(task) -> str:
+    """The key of the original-domain quality on checkpoint cards: accuracy or MSE."""
+    return "accuracy" if task.metric.endswith("accuracy") else "mse"
+
+
+def judged(exp: dict, sophon_doc: dict) -> dict:
+    """The envelope verdict of a Sophon search against the pipeline's search from scratch."""
+    scratch = read_json(layout.search_result(exp["name"], "scratch"))
+    e = summarize({"scratch": scratch, "sophon": sophon_doc}, exp["search"])
+    gains = e["advantage"]["per_epoch"]
+    return {"holds": e["holds"], "violations": e["violations"], "max_gain": e["advantage"]["value"],
+            "max_gain_epoch": e["advantage"]["epoch"], "holds_last_checkpoint": e["last_checkpoint"]["holds"],
+            "gain_at": {str(k): gains[k] for k in AT_EPOCHS if k < len(gains)}, "cost_ratio": e["cost_ratio"],
+            "best_config": e["starts"]["sophon"]["best"]}
+
+
+def run_variant(exp: dict, variant: str, device) -> None:
+    task, name = task_of(exp), exp["name"]
+    variants = exp["ablation"]["variants"]
+    if variant not in variants:
+        raise ConfigError(f"--variant {variant!r} is not in {name}.ablation.variants: {', '.join(variants)}")
+    changes = variants[variant]
+    original_train, original_val, original_test, defender, adversary, restricted_test = parts(
+        exp, "original_train", "original_val", "original_test", "defender", "adversary", "restricted_test")
+    model, card = load_model(exp, "original", device)
+    cfg = {**exp["sophon"], **changes}
+    seed_everything(cfg["seed"])
+    settings = protect_settings(exp, **changes)
+    label = variant_name(settings, cfg.get("suppress_timesteps"))
+    objective = task.objective({**exp, "sophon": cfg}, device)
+    with stage_run("ablation", name, name=f"ablation/{variant}", params={"variant": variant, **changes},
+                   tags={"sophon.variant": label}) as tracked:
+        began = time.perf_counter()
+        history = protect(model, objective, defender, original_train, original_val, settings, seed=cfg["seed"],
+                          device=device)
+        protect_seconds = time.perf_counter() - began
+        intact = {"original": card.get(f"original_test_{quality_name(task)}"),
+                  "protected": objective.quality(model, original_test, device)}
+        start = layout.ablation_model(name, variant)
+        task.save(model, exp, start, "sophon", {"variant": label, "selected_loop": history.selected_loop,
+                                               "protect_settings": dataclasses.asdict(settings)})
+        began = time.perf_counter()
+        document = run_search(lambda: load_model(exp, start, device)[0], objective, adversary, restricted_test,
+                              exp["search"], start="sophon", device=device, cache=run_cache(exp, start, objective))
+        document.update(experiment=name, seconds=time.perf_counter() - began)
+        result = {"variant": variant, "name": label, "changes": changes, "protect_seconds": protect_seconds,
+                  "search_seconds": document["seconds"], "selected_loop": history.selected_loop,
+                  "intactness": intact, **judged(exp, document), "search": document}
+        tracked.log_metrics({"protect_seconds": protect_seconds, "max_gain": result["max_gain"],
+                             **{f"gain_at_{k}": v for k, v in result["gain_at"].items()}})
+        write_json(layout.ablation_result(name, variant), result)
+    print(f"ablation {name}/{variant} ({label}): protection {'holds' if result['holds'] else 'does NOT hold'}, "
+          f"largest gain {result['max_gain']:+.4g} at epoch {result['max_gain_epoch']}")
+
+
+def table(exp: dict) -> None:
+    """results/<experiment>/ablation.{md,json}: every variant, and the pipeline's released Sophon model."""
+    task, name = task_of(exp), exp["name"]
+    rows = [read_json(layout.ablation_result(name, v)) for v in exp["ablation"]["variants"]]
+    card = read_json(layout.model_dir(name, "sophon") / layout.CARD)
+    history = read_json(layout.history(name, "sophon"))
+    original = read_json(layout.model_dir(name, "original") / layout.CARD)
+    rows.append({"variant": "pipeline (params.yaml)", "name": card.get("variant", "paper"),
+                 "protect_seconds": history["seconds"], "selected_loop": card.get("selected_loop"),
+                 "intactness": {"original": original.get(f"original_test_{quality_name(task)}"),
+                                "protected": card.get(f"original_test_{quality_name(task)}")},
+                 **judged(exp, read_json(layout.search_result(name, "sophon")))})
+    for row in rows:
+        row.pop("search", None)
+    quality = quality_name(task)
+    unit = "points" if quality == "accuracy" else "MSE"
+    lines = [f"# Ablation: {name}", "",
+             f"Each variant protects the same original model, then meets the same attack search as the pipeline's "
+             f"Sophon start; gains are Sophon − scratch in restricted {task.metric.replace('_', ' ')} ({unit}, "
+             f"positive = Sophon helps the attacker), envelopes keep each run's best checkpoint so far.", "",
+             "| variant | changes from the paper | holds | holds (last checkpoint) | gain at 20 | gain at 50 | "
+             f"largest gain (epoch) | original-domain {quality} (original → protected) | protect time |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        at = r["gain_at"]
+        lines.append(f"| {r['variant']} | {r['name']} | {'yes' if r['holds'] else 'no'} | "
+                     f"{'yes' if r['holds_last_checkpoint'] else 'no'} | {at.get('20', float('nan')):+.4g} | "
+                     f"{at.get('50', float('nan')):+.4g} | {r['max_gain']:+.4g} ({r['max_gain_epoch']}) | "
+                     f"{r['intactness']['original']:.4g} → {r['intactness']['protected']:.4g} | "
+                     f"{r['protect_seconds']:.0f} s |")
+    write_json(layout.ablation_table(name).with_suffix(".json"), {"experiment": name, "rows": rows})
+    write_text(layout.ablation_table(name), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = parser(__doc__)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--variant", help="one variant of the experiment's ablation.variants")
+    which.add_argument("--table", action="store_true", help="collect the variants into one table")
+    args = p.parse_args()
+    exp, device = setup(args)
+    if args.table:
+        table(exp)
+    else:
+        run_variant(exp, args.variant, device)
+
+
+if __name__ == "__main__":
+    run(main)
