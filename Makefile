@@ -1,11 +1,12 @@
 # make run   — set up the environment if missing, then run the quick profile end to end (Snakemake)
-# make test  — set up the environment if missing, then run the test suite
+# make test  — set up the environment if missing, then run the test suite (minutes; CI also runs test-e2e)
+# make test-e2e — the end-to-end runs of the whole tiny DAG under Snakemake and DVC (tests marked slow)
 VENV ?= .venv
 CORES ?= 2
 PYTHON ?= python3
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run test env lint benchmark clean
+.PHONY: run test test-e2e env lint benchmark ablation clean
 
 env: $(VENV)/.installed
 
@@ -20,7 +21,13 @@ run: env
 	@echo "Reports: reports/*/report.html  (browse runs: mlflow ui --backend-store-uri sqlite:///mlflow.db)"
 
 test: env
-	python -m pytest
+	python -m pytest -m "not slow"
+
+test-e2e: env
+	python -m pytest -m slow
+
+ablation: env
+	snakemake --cores $(CORES) ablation
 
 lint: env
 	snakemake --lint

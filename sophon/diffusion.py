@@ -24,7 +24,7 @@ from sophon.train import train_epochs
 
 # The quick profile's UNet: about 0.64 M parameters, no attention; fast at 16×16 on two CPU threads.
 QUICK_UNET = {"block_out_channels": [16, 32, 64], "layers_per_block": 1, "attention": False, "norm_num_groups": 8}
-SUPPRESSION_LOSSES = ("dos", "neg_mse")
+SUPPRESSION_LOSSES = ("dos", "neg_mse", "inverse_noise")
 
 
 # --- model and noise schedule ------------------------------------------------------------------------------

@@ -72,3 +72,10 @@ def denial_of_service(predicted_noise, noise=None):
 def negated_noise_mse(predicted_noise, noise):
     """−MSE: the naive diffusion suppression loss (paper Eq. 15), unstable by design."""
     return -F.mse_loss(predicted_noise, noise)
+
+
+@register_loss("inverse_noise")
+def inverse_noise(predicted_noise, noise):
+    """‖ε_θ(x_t, t) + ε‖²: predict the negated noise, the diffusion analogue of ICE (a wrong target, bounded
+    below, gradient vanishing there). At its minimum the noise-prediction MSE is 4, above a random model's."""
+    return (predicted_noise + noise).pow(2).mean()

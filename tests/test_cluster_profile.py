@@ -3,12 +3,10 @@ the threads and resources of params.yaml `jobs`; the SLURM profile names an inst
 
 import csv
 
-import pytest
 import yaml
 
 from tests.pipeline_helpers import bin_path, copy_project, run, tiny_params
 
-pytestmark = pytest.mark.slow
 CLS = "quick-classification"
 
 

@@ -3,11 +3,9 @@
 import hashlib
 import shutil
 
-import pytest
 
 from tests.pipeline_helpers import bin_path, copy_project, run, tiny_params
 
-pytestmark = pytest.mark.slow
 CLS = "quick-classification"
 
 

@@ -45,6 +45,23 @@ def test_dos_gradient_matches_closed_form():
     assert grad0.abs().max() == 0
 
 
+def test_inverse_noise_value_and_gradient_match_closed_form():
+    """‖ε_θ + ε‖² (mean): value, gradient 2(ε_θ + ε)/numel (finite differences agree), zero at ε_θ = −ε, where
+    the noise-prediction MSE is 4·mean(ε²)."""
+    generator = torch.Generator().manual_seed(0)
+    predicted = torch.randn(2, 1, 4, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    noise = torch.randn(2, 1, 4, 4, dtype=torch.float64, generator=generator)
+    loss = get_loss("inverse_noise")(predicted, noise)
+    assert loss.item() == pytest.approx(((predicted.detach() + noise) ** 2).mean().item())
+    (grad,) = torch.autograd.grad(loss, predicted)
+    torch.testing.assert_close(grad, 2 * (predicted.detach() + noise) / noise.numel())
+    assert torch.autograd.gradcheck(lambda p: get_loss("inverse_noise")(p, noise), (predicted,))
+    at_minimum = (-noise).requires_grad_(True)
+    (grad0,) = torch.autograd.grad(get_loss("inverse_noise")(at_minimum, noise), at_minimum)
+    assert grad0.abs().max() == 0
+    assert get_loss("mse")(-noise, noise).item() == pytest.approx(4 * noise.pow(2).mean().item())
+
+
 def test_negated_mse_gradient_grows_with_error():
     noise = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
     for scale in (1.0, 10.0):

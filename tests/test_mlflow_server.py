@@ -12,7 +12,6 @@ import pytest
 
 from tests.pipeline_helpers import copy_project, environment, tiny_params
 
-pytestmark = pytest.mark.slow
 CLS = "quick-classification"
 
 

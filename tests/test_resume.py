@@ -6,14 +6,12 @@ import signal
 import subprocess
 import time
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from tests.pipeline_helpers import copy_project, environment, run, tiny_params
 
-pytestmark = pytest.mark.slow
 CLS = "quick-classification"
 
 

@@ -6,11 +6,9 @@ import signal
 import subprocess
 import time
 
-import pytest
 
 from tests.pipeline_helpers import bin_path, copy_project, environment, run, tiny_params
 
-pytestmark = pytest.mark.slow
 CLS = "quick-classification"
 
 
