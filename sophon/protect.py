@@ -63,10 +63,14 @@ PROBE = {"strategy": "initFC+all", "optimizer": "adagrad", "lr": 0.01, "batch_si
 SELECTIONS = ("last", "probe")
 
 
-def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None = None) -> str:
+PAPER_LOSSES = ("ice", "klu", "neg_ce", "dos", "neg_mse")  # the paper's suppression losses and naive baselines
+
+
+def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None = None,
+                 suppression: str | None = None) -> str:
     """`paper` for the paper's Sophon, else `paper + <each change>`: what the card and the report name."""
     starts = {START_ALIASES.get(s, s) for s in settings.task_space.get("starts", [])}
-    changes = []
+    changes = [f"{suppression} suppression"] if suppression and suppression not in PAPER_LOSSES else []
     if starts - {"direct+all", "initFC+all"}:
         changes.append("starts " + "/".join(sorted(starts - {"direct+all", "initFC+all"})))
     if set(settings.task_space.get("optimizers", [])) - {"adam", "momentum"}:

@@ -55,7 +55,7 @@ def run_variant(exp: dict, variant: str, device) -> None:
     cfg = {**exp["sophon"], **changes}
     seed_everything(cfg["seed"])
     settings = protect_settings(exp, **changes)
-    label = variant_name(settings, cfg.get("suppress_timesteps"))
+    label = variant_name(settings, cfg.get("suppress_timesteps"), cfg["suppression"])
     objective = task.objective({**exp, "sophon": cfg}, device)
     with stage_run("ablation", name, name=f"ablation/{variant}", params={"variant": variant, **changes},
                    tags={"sophon.variant": label}) as tracked:

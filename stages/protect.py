@@ -57,7 +57,7 @@ def main() -> None:
                              "seconds": seconds})
         write_json(layout.history(name, "sophon"), {"settings": dataclasses.asdict(settings),
                                                     **dataclasses.asdict(history), **metrics, "seconds": seconds})
-        variant = variant_name(settings, cfg.get("suppress_timesteps"))
+        variant = variant_name(settings, cfg.get("suppress_timesteps"), cfg["suppression"])
         tracked.set_tag("sophon.variant", variant)
         task.save(model, exp, "sophon", "sophon", {**metrics, "suppression": cfg["suppression"], "variant": variant,
                                                    "selected_loop": history.selected_loop,

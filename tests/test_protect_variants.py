@@ -204,7 +204,8 @@ def test_diffusion_suppression_draws_timesteps_from_its_range():
 
 
 def test_variant_name_lists_each_change_from_the_paper():
-    assert variant_name(ProtectSettings()) == "paper"
+    assert variant_name(ProtectSettings()) == variant_name(ProtectSettings(), [0, 1000], "dos") == "paper"
+    assert variant_name(ProtectSettings(), None, "inverse_noise") == "paper + inverse_noise suppression"
     changed = ProtectSettings(step_weighting="exponential", late_weight=4.0, select="probe",
                               task_space={"starts": ["direct", "reinit1+all"], "schedules": ["constant", "cosine"],
                                           "optimizers": ["adam", "adagrad"]})
