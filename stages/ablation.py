@@ -24,7 +24,7 @@ from sophon.train import seed_everything
 from stages.common import parser, parts, run, run_cache, setup
 from stages.protect import protect_settings
 
-AT_EPOCHS = (20, 50)
+AT_EPOCHS = (1, 5, 20, 50)
 
 
 def quality_name(task) -> str:
@@ -86,6 +86,8 @@ def table(exp: dict) -> None:
     """results/<experiment>/ablation.{md,json}: every variant, and the pipeline's released Sophon model."""
     task, name = task_of(exp), exp["name"]
     rows = [read_json(layout.ablation_result(name, v)) for v in exp["ablation"]["variants"]]
+    for row in rows:  # judged again here, so the table follows the current verdict rules
+        row.update(judged(exp, row["search"]))
     card = read_json(layout.model_dir(name, "sophon") / layout.CARD)
     history = read_json(layout.history(name, "sophon"))
     original = read_json(layout.model_dir(name, "original") / layout.CARD)
@@ -100,16 +102,18 @@ def table(exp: dict) -> None:
     unit = "points" if quality == "accuracy" else "MSE"
     lines = [f"# Ablation: {name}", "",
              f"Each variant protects the same original model, then meets the same attack search as the pipeline's "
-             f"Sophon start; gains are Sophon − scratch in restricted {task.metric.replace('_', ' ')} ({unit}, "
+             f"Sophon start; gains are Sophon − scratch in {task.metric.replace('_', ' ')} ({unit}, "
              f"positive = Sophon helps the attacker), envelopes keep each run's best checkpoint so far.", "",
-             "| variant | changes from the paper | holds | holds (last checkpoint) | gain at 20 | gain at 50 | "
-             f"largest gain (epoch) | original-domain {quality} (original → protected) | protect time |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| variant | changes from the paper | holds | holds (last checkpoint) | "
+             + " | ".join(f"gain at {k}" for k in AT_EPOCHS)
+             + f" | largest gain (epoch) | original-domain {quality} (original → protected) | protect time |",
+             "|---|---|---|---|" + "---|" * len(AT_EPOCHS) + "---|---|---|"]
     for r in rows:
         at = r["gain_at"]
         lines.append(f"| {r['variant']} | {r['name']} | {'yes' if r['holds'] else 'no'} | "
-                     f"{'yes' if r['holds_last_checkpoint'] else 'no'} | {at.get('20', float('nan')):+.4g} | "
-                     f"{at.get('50', float('nan')):+.4g} | {r['max_gain']:+.4g} ({r['max_gain_epoch']}) | "
+                     f"{'yes' if r['holds_last_checkpoint'] else 'no'} | "
+                     + "".join(f"{at[str(k)]:+.4g} | " if str(k) in at else "– | " for k in AT_EPOCHS)
+                     + f"{r['max_gain']:+.4g} ({r['max_gain_epoch']}) | "
                      f"{r['intactness']['original']:.4g} → {r['intactness']['protected']:.4g} | "
                      f"{r['protect_seconds']:.0f} s |")
     write_json(layout.ablation_table(name).with_suffix(".json"), {"experiment": name, "rows": rows})
