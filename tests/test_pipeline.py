@@ -113,7 +113,9 @@ def test_ablation_target_tables_the_paper_and_the_pipeline_model(project):
         table = json.loads((root / "results" / name / "ablation.json").read_text())
         rows = {row["variant"]: row for row in table["rows"]}
         assert set(rows) == {"paper", "pipeline (params.yaml)"}
-        assert rows["paper"]["name"] == "paper" and rows["pipeline (params.yaml)"]["name"].startswith("paper + ")
+        assert rows["paper"]["name"] == "paper"
+        pipeline = rows["pipeline (params.yaml)"]["name"]  # the quick profile changes classification's protect only
+        assert pipeline.startswith("paper + ") if name == CLS else pipeline == "paper", pipeline
         for row in rows.values():
             assert isinstance(row["holds"], bool) and set(row["gain_at"]) == {"1"}  # 3 epochs in the tiny search
         card = json.loads((root / "models" / name / "ablation" / "paper" / "model.json").read_text())
