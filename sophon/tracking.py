@@ -51,6 +51,8 @@ def init_store(experiment: str, project_dir: str | Path = ".") -> str:
     import mlflow
 
     _quiet()
+    # Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI itself (for child processes).
+    server = bool(os.environ.get("MLFLOW_TRACKING_URI"))
     mlflow.set_tracking_uri(tracking_uri(project_dir))
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
@@ -60,7 +62,7 @@ def init_store(experiment: str, project_dir: str | Path = ".") -> str:
         return found.experiment_id
     # The local store keeps artifacts beside the project; a tracking server keeps them where it was told to
     # (`mlflow server --artifacts-destination`), so every node reaches them through it.
-    artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (Path(project_dir).resolve() / ARTIFACT_DIR).as_uri()
+    artifacts = None if server else (Path(project_dir).resolve() / ARTIFACT_DIR).as_uri()
     try:
         return mlflow.create_experiment(experiment, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
     except Exception:  # created by a concurrent process in the meantime

@@ -104,3 +104,17 @@ def test_split_parts_read_are_logged_as_run_inputs(store):
     inputs = MlflowClient().get_run(run_id).inputs.dataset_inputs
     assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("exp/adversary", "ab" * 8)]
     assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "adversary"
+
+
+def test_local_store_keeps_artifacts_in_mlartifacts(tmp_path, monkeypatch):
+    """Without MLFLOW_TRACKING_URI the experiment's artifacts go to mlartifacts/ beside the store (what `make
+    clean` removes and the README says), even though MLflow exports the variable once the store is set."""
+    import mlflow
+
+    from sophon.tracking import ARTIFACT_DIR, init_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    experiment_id = init_store("local")
+    location = mlflow.get_experiment(experiment_id).artifact_location
+    assert location == (tmp_path.resolve() / ARTIFACT_DIR).as_uri(), location
