@@ -113,7 +113,7 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
 
     if settings.select not in SELECTIONS:
         raise ConfigError(f"sophon.select: {settings.select!r} is not one of {', '.join(SELECTIONS)}")
-    probe = Probe(settings.probe, objective, defender, seed=seed, device=device)
+    probe = Probe(settings.probe, objective, defender, seed=seed, device=device) if settings.select == "probe" else None
     best: dict | None = None  # the probe-selected weights: {"loop", "score", "model"}
 
     saved = read_state(state_dir) if state_dir is not None else None

@@ -6,7 +6,7 @@ pipeline's search from scratch. `--table` puts the variants and the pipeline's o
     python -m stages.ablation --experiment quick-classification --variant paper
     python -m stages.ablation --experiment quick-classification --table
 
-Not part of `snakemake` (the default target): `snakemake ablation` runs it, `dvc repro ablation-<experiment>` too.
+Not part of `snakemake` (the default target): `snakemake ablation` runs it, `dvc repro workflow/ablation/dvc.yaml` too.
 """
 
 import dataclasses
@@ -21,7 +21,7 @@ from sophon.search import run_search
 from sophon.tasks import load_model, task_of
 from sophon.tracking import stage_run
 from sophon.train import seed_everything
-from stages.common import parser, parts, run, run_cache, setup
+from stages.common import parser, parts, run, run_cache, setup, start_builder
 from stages.protect import protect_settings
 
 AT_EPOCHS = (1, 5, 20, 50)
@@ -32,9 +32,8 @@ def quality_name(task) -> str:
     return "accuracy" if task.metric.endswith("accuracy") else "mse"
 
 
-def judged(exp: dict, sophon_doc: dict) -> dict:
-    """The envelope verdict of a Sophon search against the pipeline's search from scratch."""
-    scratch = read_json(layout.search_result(exp["name"], "scratch"))
+def judged(exp: dict, sophon_doc: dict, scratch: dict) -> dict:
+    """The envelope verdict of a Sophon search against the pipeline's search from scratch (`scratch`)."""
     e = summarize({"scratch": scratch, "sophon": sophon_doc}, exp["search"])
     gains = e["advantage"]["per_epoch"]
     return {"holds": e["holds"], "violations": e["violations"], "max_gain": e["advantage"]["value"],
@@ -69,12 +68,13 @@ def run_variant(exp: dict, variant: str, device) -> None:
         task.save(model, exp, start, "sophon", {"variant": label, "selected_loop": history.selected_loop,
                                                "protect_settings": dataclasses.asdict(settings)})
         began = time.perf_counter()
-        document = run_search(lambda: load_model(exp, start, device)[0], objective, adversary, restricted_test,
+        document = run_search(start_builder(exp, start, device), objective, adversary, restricted_test,
                               exp["search"], start="sophon", device=device, cache=run_cache(exp, start, objective))
         document.update(experiment=name, seconds=time.perf_counter() - began)
         result = {"variant": variant, "name": label, "changes": changes, "protect_seconds": protect_seconds,
                   "search_seconds": document["seconds"], "selected_loop": history.selected_loop,
-                  "intactness": intact, **judged(exp, document), "search": document}
+                  "intactness": intact, "search": document,
+                  **judged(exp, document, read_json(layout.search_result(name, "scratch")))}
         tracked.log_metrics({"protect_seconds": protect_seconds, "max_gain": result["max_gain"],
                              **{f"gain_at_{k}": v for k, v in result["gain_at"].items()}})
         write_json(layout.ablation_result(name, variant), result)
@@ -85,9 +85,10 @@ def run_variant(exp: dict, variant: str, device) -> None:
 def table(exp: dict) -> None:
     """results/<experiment>/ablation.{md,json}: every variant, and the pipeline's released Sophon model."""
     task, name = task_of(exp), exp["name"]
+    scratch = read_json(layout.search_result(name, "scratch"))
     rows = [read_json(layout.ablation_result(name, v)) for v in exp["ablation"]["variants"]]
     for row in rows:  # judged again here, so the table follows the current verdict rules
-        row.update(judged(exp, row["search"]))
+        row.update(judged(exp, row["search"], scratch))
     card = read_json(layout.model_dir(name, "sophon") / layout.CARD)
     history = read_json(layout.history(name, "sophon"))
     original = read_json(layout.model_dir(name, "original") / layout.CARD)
@@ -95,7 +96,7 @@ def table(exp: dict) -> None:
                  "protect_seconds": history["seconds"], "selected_loop": card.get("selected_loop"),
                  "intactness": {"original": original.get(f"original_test_{quality_name(task)}"),
                                 "protected": card.get(f"original_test_{quality_name(task)}")},
-                 **judged(exp, read_json(layout.search_result(name, "sophon")))})
+                 **judged(exp, read_json(layout.search_result(name, "sophon")), scratch)})
     for row in rows:
         row.pop("search", None)
     quality = quality_name(task)
