@@ -140,10 +140,10 @@ class StageRun:
         """Log a checkpoint folder (safetensors + card) as an MLflow model of this run and register it as a new
         version of `registered_name` in the model registry; return the version. The model loads through
         sophon/mlflow_model.py (models-from-code, the sophon package shipped with it): no pickle."""
-        from sophon.io import read_json
+        from sophon.models import read_card
 
         sophon_dir = Path(__file__).resolve().parent
-        card = read_json(Path(folder) / "model.json")
+        card = read_card(folder)
         info = self._mlflow.pyfunc.log_model(
             name="model", python_model=str(sophon_dir / "mlflow_model.py"), artifacts={"checkpoint": str(folder)},
             code_paths=[str(sophon_dir)], pip_requirements=_requirements(),
