@@ -27,7 +27,7 @@ from sophon.data import ImageSet
 from sophon.errors import ConfigError
 from sophon.io import read_state, write_state
 from sophon.objectives import Objective
-from sophon.simulate import START_ALIASES, sample_task, simulate_finetune
+from sophon.simulate import START_ALIASES, Adversary, sample_task
 from sophon.train import endless_batches, progress
 
 log = logging.getLogger("sophon.protect")
@@ -41,6 +41,7 @@ class ProtectSettings:
     beta: float = 5.0
     tasks_per_loop: int = 1
     inner_steps: int = 20
+    persist_loops: int = 1  # outer loops a simulated adversary lives (1: a fresh one every loop, the paper)
     eval_every: int = 2
     eval_batch_size: int = 128
     natural_steps: int = 2
@@ -79,6 +80,8 @@ def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None
         changes.append("scheduled inner lrs")
     if settings.step_weighting != "uniform" and settings.late_weight != 1.0:
         changes.append(f"{settings.step_weighting} step weights ×{settings.late_weight:g}")
+    if settings.persist_loops > 1:
+        changes.append(f"adversaries persist {settings.persist_loops} loops")
     if settings.select != "last":
         changes.append(f"{settings.select}-selected checkpoint")
     if suppress_timesteps is not None and list(suppress_timesteps) != [0, 1000]:  # 1,000: the DDPM's steps
@@ -144,21 +147,27 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             "normal_batches": normal_batches.state(), "reference": reference, "history": dataclasses.asdict(history),
             **({"best": best} if best is not None else {})})
 
+    def new_adversary() -> Adversary:
+        order = torch.randperm(len(defender), generator=generator)
+        half = len(order) // 2
+        return Adversary(model, objective, sample_task(settings.task_space, rng), defender.subset(order[:half]),
+                         defender.subset(order[half:]), total_steps=settings.inner_steps * settings.persist_loops,
+                         eval_batch_size=settings.eval_batch_size, generator=generator)
+
     bar = progress(range(first, settings.loops + 1), initial=first - 1, total=settings.loops, desc="protect",
                    unit="loop")
+    adversaries: list[Adversary] = []
     for loop in bar:
-        # Fine-tuning suppression: each task splits the defender data afresh into fine-tune / eval halves.
+        # Fine-tuning suppression: each adversary splits the defender data afresh into fine-tune / eval halves.
+        # With persist_loops > 1 the adversaries of loop 1, 1 + persist_loops, ... fine-tune on for that many loops.
         model.train()
+        if (loop - 1) % settings.persist_loops == 0 or not adversaries:
+            adversaries = [new_adversary() for _ in range(settings.tasks_per_loop)]
         total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
         losses = []
-        for _ in range(settings.tasks_per_loop):
-            order = torch.randperm(len(defender), generator=generator)
-            half = len(order) // 2
-            result = simulate_finetune(
-                model, objective, sample_task(settings.task_space, rng), defender.subset(order[:half]),
-                defender.subset(order[half:]), steps=settings.inner_steps, eval_every=settings.eval_every,
-                eval_batch_size=settings.eval_batch_size, generator=generator, weighting=settings.step_weighting,
-                late_weight=settings.late_weight)
+        for adversary in adversaries:
+            result = adversary.run(settings.inner_steps, settings.eval_every, settings.step_weighting,
+                                   settings.late_weight)
             for name, grad in result.grads.items():
                 total[name] += grad / settings.tasks_per_loop
             losses.append(result.suppression_loss)
@@ -192,6 +201,7 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             collapsed = _collapsed(objective, quality, reference, settings.rollback_tolerance)
             if collapsed:
                 _restore(model, suppress_opt, normal_opt, last_good)
+                adversaries = []  # they followed the weights that collapsed
                 history.rollbacks += 1
                 log.warning("rollback at loop %d: original-domain quality %.4g is past the tolerance %.3g from "
                             "the start (%.4g); restored the state of the last good check", loop, quality,
@@ -207,7 +217,9 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             history.checks.append(check)
             if on_check is not None:
                 on_check(check)
-        if state_dir is not None and settings.save_every and loop % settings.save_every == 0 and loop < settings.loops:
+        # A state is saved only where no adversary lives on (it is not part of the state).
+        if (state_dir is not None and settings.save_every and loop % settings.save_every == 0
+                and loop % settings.persist_loops == 0 and loop < settings.loops):
             save(loop)
     history.selected_loop = settings.loops
     if best is not None:

@@ -97,49 +97,79 @@ def simulated_start(model: torch.nn.Module, strategy: str, seed: int) -> tuple[d
     return fresh, set(prepared.reinitialised), {name for name, p in values.items() if id(p) in trainable}
 
 
+class Adversary:
+    """One simulated adversary's fine-tune, run `run(steps)` at a time. A fresh one per outer loop is the paper's
+    simulation; one kept for several loops (`persist_loops`) fine-tunes further down its path each loop, so the
+    suppression is taken at weights many steps from the release. Its adapted weights follow the released ones:
+    before each run they move by what the outer loop changed since (`follow`)."""
+
+    def __init__(self, model: torch.nn.Module, objective: Objective, task: SimulatedTask, finetune_data: ImageSet,
+                 eval_data: ImageSet, *, total_steps: int, eval_batch_size: int, generator: torch.Generator):
+        fresh, self.reinitialised, self.trained = simulated_start(model, task.start, task.seed)
+        self.model, self.objective, self.task, self.generator = model, objective, task, generator
+        self.params = {name: fresh.get(name, p.detach()).clone().requires_grad_(name in self.trained)
+                       for name, p in model.named_parameters()}
+        self.buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        self.targets = [name for name in self.params if name not in self.reinitialised]
+        self.anchor = {name: p.detach().clone() for name, p in model.named_parameters() if name in self.targets}
+        self.optimizer = make_optimizer(task.optimizer, [self.params[n] for n in self.params if n in self.trained],
+                                        task.lr)
+        self.scheduler = make_schedule(task.schedule, self.optimizer, total_steps)
+        self.train_batches = endless_batches(finetune_data, task.batch_size, generator)
+        self.eval_batches = endless_batches(eval_data, eval_batch_size, generator)
+
+    def forward(self, *args):
+        return functional_call(self.model, (self.params, self.buffers), args)
+
+    @torch.no_grad()
+    def follow(self) -> None:
+        """Move the adapted weights by the released weights' change since the last run (re-initialised ones keep
+        theirs: the adversary replaced them)."""
+        for name, p in self.model.named_parameters():
+            if name in self.anchor:
+                self.params[name] += p.detach() - self.anchor[name]
+                self.anchor[name].copy_(p.detach())
+
+    def run(self, steps: int, eval_every: int, weighting: str = "uniform", late_weight: float = 1.0,
+            ) -> SimulationResult:
+        """`steps` inner steps; the suppression loss is evaluated on held-out restricted data at `eval_points`,
+        each with the adapted weights, and the gradients are combined with `step_weights`."""
+        self.follow()
+        params, targets = self.params, self.targets
+        points = eval_points(steps, eval_every)
+        weights = dict(zip(points, step_weights(len(points), weighting, late_weight)))
+        grads = {name: torch.zeros_like(params[name]) for name in targets}
+        weighted, last = 0.0, 0.0
+        self.model.train()
+        for step in range(steps + 1):
+            if step in weights:
+                images, labels = next(self.eval_batches)
+                # Frozen tensors take part too: the gradient is first-order in every released weight.
+                with_grad = [params[n].requires_grad_(True) for n in targets]
+                loss = self.objective.suppression_loss(self.forward, images, labels, self.generator)
+                for name, grad in zip(targets, torch.autograd.grad(loss, with_grad)):
+                    grads[name] += weights[step] * grad
+                for name in targets:
+                    params[name].requires_grad_(name in self.trained)
+                last = loss.item()
+                weighted += weights[step] * last
+            if step == steps:
+                break
+            images, labels = next(self.train_batches)
+            loss = self.objective.finetune_loss(self.forward, images, labels, self.generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+        return SimulationResult(grads, weighted, last)
+
+
 def simulate_finetune(model: torch.nn.Module, objective: Objective, task: SimulatedTask, finetune_data: ImageSet,
                       eval_data: ImageSet, *, steps: int, eval_every: int, eval_batch_size: int,
                       generator: torch.Generator, weighting: str = "uniform", late_weight: float = 1.0,
                       ) -> SimulationResult:
-    """K = `steps` inner steps; the suppression loss is evaluated on held-out restricted data at `eval_points`,
-    each with the adapted weights, and the gradients are combined with `step_weights`."""
-    fresh, reinitialised, trained = simulated_start(model, task.start, task.seed)
-    params = {name: fresh.get(name, p.detach()).clone().requires_grad_(name in trained)
-              for name, p in model.named_parameters()}
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    targets = [name for name in params if name not in reinitialised]
-
-    def forward(*args):
-        return functional_call(model, (params, buffers), args)
-
-    optimizer = make_optimizer(task.optimizer, [params[n] for n in params if n in trained], task.lr)
-    scheduler = make_schedule(task.schedule, optimizer, steps)
-    points = eval_points(steps, eval_every)
-    weights = dict(zip(points, step_weights(len(points), weighting, late_weight)))
-    grads = {name: torch.zeros_like(params[name]) for name in targets}
-    train_batches = endless_batches(finetune_data, task.batch_size, generator)
-    eval_batches = endless_batches(eval_data, eval_batch_size, generator)
-    weighted, last = 0.0, 0.0
-    model.train()
-    for step in range(steps + 1):
-        if step in weights:
-            images, labels = next(eval_batches)
-            # Frozen tensors take part too: the gradient is first-order in every released weight.
-            with_grad = [params[n].requires_grad_(True) for n in targets]
-            loss = objective.suppression_loss(forward, images, labels, generator)
-            for name, grad in zip(targets, torch.autograd.grad(loss, with_grad)):
-                grads[name] += weights[step] * grad
-            for name in targets:
-                params[name].requires_grad_(name in trained)
-            last = loss.item()
-            weighted += weights[step] * last
-        if step == steps:
-            break
-        images, labels = next(train_batches)
-        loss = objective.finetune_loss(forward, images, labels, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-    return SimulationResult(grads, weighted, last)
+    """One fresh adversary's K = `steps` inner steps (the paper's simulation): see `Adversary.run`."""
+    adversary = Adversary(model, objective, task, finetune_data, eval_data, total_steps=steps,
+                          eval_batch_size=eval_batch_size, generator=generator)
+    return adversary.run(steps, eval_every, weighting, late_weight)

@@ -13,7 +13,8 @@ from sophon.errors import ConfigError
 from sophon.models import build_classifier, head_parameter_names
 from sophon.objectives import ClassificationObjective
 from sophon.protect import Probe, ProtectSettings, protect, variant_name
-from sophon.simulate import SimulatedTask, eval_points, simulate_finetune, simulated_start, step_weights
+from sophon.io import read_state
+from sophon.simulate import Adversary, SimulatedTask, eval_points, simulate_finetune, simulated_start, step_weights
 from sophon.strategies import model_stages, prepare
 
 CPU = torch.device("cpu")
@@ -133,6 +134,65 @@ def test_inner_step_weighting_matches_the_closed_form(weighting, late):
     assert result.final_suppression_loss == pytest.approx(0.5 * (w0 - steps * lr).pow(2).sum().item())
 
 
+# --- persistent adversaries --------------------------------------------------------------------------------
+
+def _adversary(net, defender, start="direct"):
+    task = SimulatedTask(start=start, optimizer="adam", lr=1e-2, batch_size=16, schedule="cosine", seed=3)
+    return Adversary(net, ClassificationObjective("ice"), task, defender.subset(range(60)),
+                     defender.subset(range(60, 120)), total_steps=6, eval_batch_size=16,
+                     generator=torch.Generator().manual_seed(0))
+
+
+def test_a_persistent_adversary_fine_tunes_on_where_it_stopped(tiny):
+    _, defender = tiny
+    net = model()
+    twice, once = _adversary(net, defender), _adversary(net, defender)
+    twice.run(3, eval_every=3)
+    twice.run(3, eval_every=3)
+    once.run(6, eval_every=3)  # the same evaluation points, so the same batches from the shared generator
+    for name, value in once.params.items():
+        assert torch.equal(twice.params[name], value), name
+    assert twice.optimizer.param_groups[0]["lr"] == once.optimizer.param_groups[0]["lr"]  # one cosine, 6 steps
+
+
+def test_a_persistent_adversary_follows_the_released_weights_except_what_it_replaced(tiny):
+    _, defender = tiny
+    net = model()
+    adversary = _adversary(net, defender, start="initFC")
+    adversary.run(2, eval_every=2)
+    before = {name: p.detach().clone() for name, p in adversary.params.items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.5)
+    adversary.follow()
+    head = head_parameter_names(net)
+    for name, value in adversary.params.items():
+        moved = value - before[name]
+        if name in head:  # re-initialised by the adversary: the release's change does not reach it
+            assert torch.equal(moved, torch.zeros_like(moved)), name
+        else:
+            assert torch.allclose(moved, torch.full_like(moved, 0.5)), name
+    adversary.follow()  # nothing changed since
+    assert all(torch.allclose(adversary.params[n], before[n] + (0 if n in head else 0.5)) for n in before)
+
+
+def test_protect_with_persistent_adversaries_saves_only_between_them_and_resumes_exactly(tiny, tmp_path):
+    shapes, defender = tiny
+    settings = _settings(loops=5, persist_loops=2, save_every=1)
+    uninterrupted = model()
+    protect(uninterrupted, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
+            state_dir=tmp_path, state_key="k")
+    assert read_state(tmp_path)["loop"] == 4  # loops 1 and 3 end inside an adversary's life: no state there
+    resumed = model()
+    protect(resumed, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
+            state_dir=tmp_path, state_key="k")  # picks up after loop 4 and runs loop 5
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    fresh = model()  # a fresh adversary every loop is another run
+    protect(fresh, ClassificationObjective("ice"), defender, shapes, shapes, _settings(loops=5), seed=0, device=CPU)
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), resumed.state_dict().values()))
+
+
 # --- checkpoint selection -----------------------------------------------------------------------------------
 
 def _settings(**changes):
@@ -206,12 +266,12 @@ def test_diffusion_suppression_draws_timesteps_from_its_range():
 def test_variant_name_lists_each_change_from_the_paper():
     assert variant_name(ProtectSettings()) == variant_name(ProtectSettings(), [0, 1000], "dos") == "paper"
     assert variant_name(ProtectSettings(), None, "inverse_noise") == "paper + inverse_noise suppression"
-    changed = ProtectSettings(step_weighting="exponential", late_weight=4.0, select="probe",
+    changed = ProtectSettings(step_weighting="exponential", late_weight=4.0, select="probe", persist_loops=5,
                               task_space={"starts": ["direct", "reinit1+all"], "schedules": ["constant", "cosine"],
                                           "optimizers": ["adam", "adagrad"]})
     assert variant_name(changed, [0, 500]) == (
         "paper + starts reinit1+all + optimizers adagrad + scheduled inner lrs + exponential step weights ×4 "
-        "+ probe-selected checkpoint + suppression on t in [0, 500)")
+        "+ adversaries persist 5 loops + probe-selected checkpoint + suppression on t in [0, 500)")
 
 
 @pytest.mark.parametrize("start,message", [("lora", "LoRA is an attack"), ("reinit_up+all", "not allowed for classification"),
