@@ -106,12 +106,12 @@ class Adversary:
     def __init__(self, model: torch.nn.Module, objective: Objective, task: SimulatedTask, finetune_data: ImageSet,
                  eval_data: ImageSet, *, total_steps: int, eval_batch_size: int, generator: torch.Generator):
         fresh, self.reinitialised, self.trained = simulated_start(model, task.start, task.seed)
-        self.model, self.objective, self.task, self.generator = model, objective, task, generator
+        self.model, self.objective, self.generator = model, objective, generator
         self.params = {name: fresh.get(name, p.detach()).clone().requires_grad_(name in self.trained)
                        for name, p in model.named_parameters()}
         self.buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         self.targets = [name for name in self.params if name not in self.reinitialised]
-        self.anchor = {name: p.detach().clone() for name, p in model.named_parameters() if name in self.targets}
+        self.anchor: dict[str, torch.Tensor] | None = None  # the released weights at the last run
         self.optimizer = make_optimizer(task.optimizer, [self.params[n] for n in self.params if n in self.trained],
                                         task.lr)
         self.scheduler = make_schedule(task.schedule, self.optimizer, total_steps)
@@ -124,11 +124,14 @@ class Adversary:
     @torch.no_grad()
     def follow(self) -> None:
         """Move the adapted weights by the released weights' change since the last run (re-initialised ones keep
-        theirs: the adversary replaced them)."""
-        for name, p in self.model.named_parameters():
-            if name in self.anchor:
-                self.params[name] += p.detach() - self.anchor[name]
-                self.anchor[name].copy_(p.detach())
+        theirs: the adversary replaced them). The first run starts from the released weights: nothing to move."""
+        released = {name: p.detach() for name, p in self.model.named_parameters() if name in self.targets}
+        if self.anchor is None:
+            self.anchor = {name: p.clone() for name, p in released.items()}
+            return
+        for name, p in released.items():
+            self.params[name] += p - self.anchor[name]
+            self.anchor[name].copy_(p)
 
     def run(self, steps: int, eval_every: int, weighting: str = "uniform", late_weight: float = 1.0,
             ) -> SimulationResult:
