@@ -271,7 +271,10 @@ def _snapshot(model, *optimizers):
 
 
 def _restore(model, suppress_opt, normal_opt, snapshot):
+    """Set the model and optimisers to a snapshot's values. The optimisers get a copy: `Optimizer.load_state_dict`
+    keeps the tensors it is given, so without one every later step would also rewrite the snapshot (and a saved state
+    would hold two names for one tensor)."""
     state, optimizer_states = snapshot
     model.load_state_dict(state)
     for optimizer, saved in zip((suppress_opt, normal_opt), optimizer_states):
-        optimizer.load_state_dict(saved)
+        optimizer.load_state_dict(copy.deepcopy(saved))

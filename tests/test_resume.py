@@ -22,7 +22,9 @@ def _protect(root):
 def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
     root = copy_project(tmp_path)
     params = tiny_params(root / "params.yaml")
-    params["experiments"][CLS]["sophon"].update(loops=30, inner_steps=8, check_every=4, save_every=5)
+    # No rollback, whatever this machine's numerics: its path (forced) is tested in test_sophon_core.py.
+    params["experiments"][CLS]["sophon"].update(loops=30, inner_steps=8, check_every=4, save_every=5,
+                                                rollback_tolerance=1000.0)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for stage in ("split", "pretrain"):
         run(["python", "-m", f"stages.{stage}", "--experiment", CLS], root)

@@ -80,6 +80,56 @@ def test_rollback_restores_the_last_good_state(tiny, caplog):
         assert torch.equal(value, start[name]), name
 
 
+def _force_collapse_at(monkeypatch, loops):
+    """Make the checks at `loops` count as a collapse, whatever the machine's numerics give."""
+    import sophon.protect
+
+    checks = iter(range(1, 10_000))
+    monkeypatch.setattr(sophon.protect, "_collapsed", lambda *args: next(checks) in loops)
+
+
+def test_restore_copies_the_snapshot_so_two_rollbacks_restore_the_same_state():
+    from sophon.protect import _restore, _snapshot
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    net = torch.nn.ParameterList([weight])
+    opts = [torch.optim.Adam([weight], lr=0.1), torch.optim.Adam([weight], lr=0.1)]
+    weight.grad = torch.ones(3)
+    for opt in opts:
+        opt.step()
+    snapshot = _snapshot(net, *opts)
+    kept = [v.clone() for v in snapshot[1][1]["state"][0].values()]
+    for _ in range(2):
+        _restore(net, *opts, snapshot)
+        weight.grad = torch.full((3,), 5.0)
+        opts[1].step()  # an in-place step after the rollback must not reach the snapshot
+        assert all(torch.equal(a, b) for a, b in zip(snapshot[1][1]["state"][0].values(), kept))
+        assert all(not opts[1].state[weight][k].data_ptr() == v.data_ptr() for k, v in snapshot[1][1]["state"][0].items()
+                   if torch.is_tensor(v) and v.dim() > 0)
+
+
+def test_forced_rollback_then_save_then_resume_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    shapes, defender, _ = tiny
+    settings = ProtectSettings(loops=5, inner_steps=2, eval_every=1, eval_batch_size=16, natural_steps=1,
+                               natural_batch_size=16, check_every=1, rollback_tolerance=100.0, save_every=1,
+                               task_space={"starts": ["direct"], "optimizers": ["adam"], "lrs": [1e-3], "batch_sizes": [16]})
+    _force_collapse_at(monkeypatch, {2, 3})  # two rollbacks in a row, then states saved after them
+    uninterrupted = model()
+    history = protect(uninterrupted, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0,
+                      device=CPU, state_dir=tmp_path, state_key="k")
+    assert history.rollbacks == 2 and [c["rolled_back"] for c in history.checks[1:]] == [False, True, True, False, False]
+    from sophon.io import read_state
+
+    assert read_state(tmp_path)["loop"] == 4  # the state saved after the rollbacks is readable
+    _force_collapse_at(monkeypatch, set())
+    resumed = model()
+    history = protect(resumed, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
+                      state_dir=tmp_path, state_key="k")  # picks up after loop 4 and runs loop 5
+    assert history.rollbacks == 2 and history.loop == [1, 2, 3, 4, 5]
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("strategy", ["direct+all", "initFC+all", "initFC+FC"])
 def test_finetune_strategies(tiny, strategy):
     _, adversary, test = tiny
