@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from sophon.data import ImageSet
 from sophon.errors import ConfigError
 from sophon.losses import get_loss
-from sophon.train import train_epochs
+from sophon.train import shift_images, train_epochs
 
 # The quick profile's UNet: about 0.64 M parameters, no attention; fast at 16×16 on two CPU threads.
 QUICK_UNET = {"block_out_channels": [16, 32, 64], "layers_per_block": 1, "attention": False, "norm_num_groups": 8}
@@ -80,11 +80,7 @@ def augment(images: torch.Tensor, generator: torch.Generator, *, flip: bool = Tr
         mask = torch.rand(len(images), generator=generator) < 0.5
         images = torch.where(mask.view(-1, 1, 1, 1), images.flip(-1), images)
     if shift > 0:
-        n, _, h, w = images.shape
-        padded = F.pad(images.float(), (shift, shift, shift, shift), mode="reflect")
-        dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
-        dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
-        images = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)]).to(torch.uint8)
+        images = shift_images(images, generator, shift)
     return images
 
 

@@ -37,8 +37,11 @@ class ClassificationObjective:
         self.suppress = get_loss(suppression)
         self.device = device or torch.device("cpu")
 
-    def finetune_loss(self, forward, images, labels, generator):
-        return F.cross_entropy(forward(to_input(images, self.device)), labels.to(self.device))
+    def finetune_loss(self, forward, images, labels, generator, *, label_smoothing: float = 0.0):
+        """Cross-entropy; `label_smoothing` (the attacker's knob, sophon.attacks) mixes the one-hot targets with
+        the uniform distribution (torch's `F.cross_entropy(..., label_smoothing=)`; 0 is plain cross-entropy)."""
+        return F.cross_entropy(forward(to_input(images, self.device)), labels.to(self.device),
+                               label_smoothing=label_smoothing)
 
     def suppression_loss(self, forward, images, labels, generator):
         return self.suppress(forward(to_input(images, self.device)), labels.to(self.device))

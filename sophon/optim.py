@@ -28,13 +28,16 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> t
     return OPTIMIZERS[name](params, lr, weight_decay)
 
 
-def make_schedule(name: str, optimizer: torch.optim.Optimizer, total_steps: int):
-    """None for a constant lr; `cosine`: linear warm-up over 5 % of the steps, then cosine decay to zero."""
+def make_schedule(name: str, optimizer: torch.optim.Optimizer, total_steps: int, *, warmup_steps: int = 0):
+    """None for a constant lr; `cosine`: linear warm-up over `warmup_steps` (0: 5 % of the steps; at least one),
+    then cosine decay to zero over the rest. A warm-up as long as the run or longer never reaches the decay."""
     if name == "constant":
         return None
     if name != "cosine":
         raise unknown("lr schedule", name, SCHEDULES)
-    warmup = max(1, round(WARMUP_FRACTION * total_steps))
+    if warmup_steps < 0:
+        raise ValueError(f"warm-up steps must be >= 0, got {warmup_steps}")
+    warmup = max(1, warmup_steps or round(WARMUP_FRACTION * total_steps))
     rise = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup))
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [rise, decay], milestones=[warmup])

@@ -38,6 +38,19 @@ the classifier head included. Only the adapter weights (lora_A, lora_B) train: t
 measures what low-rank updates alone recover. peft's `inject_adapter_in_model` wraps layers in place, so the
 model keeps its call signature (`model(x)`, `model(x_t, t).sample`); `Prepared.merged()` folds the adapters
 into a plain copy with the original parameter names, for checkpoints and evaluation.
+
+Preparations (sophon.attacks.AttackSettings; `finetune` applies them after the strategy, before the optimiser is
+made, in this order, and never from scratch):
+- shrink-and-perturb (`shrink`, `perturb`; Ash & Adams 2020): θ ← shrink·θ + perturb·θ_fresh, θ_fresh the
+  same parameter after a seeded fresh init of a copy of the whole model (module-local `reset_parameters()`, as
+  above). It applies to the parameters the strategy trains and did not just re-initialise (`shrinkable`): all of
+  them for direct+all, all but the head for initFC+all, none for initFC+FC (only the fresh head trains), the
+  stages before the fresh ones for reinit<k>+all. For lora it applies to nothing: the adapters are new (lora_B
+  zero, lora_A fresh), and the base weights are frozen, so shrinking them is not what a LoRA attacker trains
+  from; the run equals plain lora. (1.0, 0.0) is off.
+- BatchNorm recalibration (`recalibrate_bn`): every BatchNorm layer's running statistics re-estimated as a
+  cumulative average over one pass of the adversary's data, without gradient (`recalibrate_batchnorm`). Models
+  without BatchNorm (the diffusion UNet uses GroupNorm; LayerNorm transformers) are left as they are, no error.
 """
 
 from __future__ import annotations
@@ -298,3 +311,83 @@ def _lora(model: nn.Module, match: re.Match, *, seed: int, lora_rank: int) -> Pr
     adapters = [p for m in model.modules() if isinstance(m, LoraLayer)
                 for p in [*m.lora_A.parameters(), *m.lora_B.parameters()]]
     return Prepared(model, _train_only(model, adapters), [])
+
+
+# --- preparations: what an attacker may do to the prepared model before fine-tuning ------------------------
+
+def shrinkable(prepared: Prepared) -> list[str]:
+    """The parameters shrink-and-perturb applies to: those the strategy trains, less those it just gave fresh
+    random values (a re-initialised head has nothing to recover). For lora: none (see the module docstring)."""
+    if prepared.strategy == "lora":
+        return []
+    fresh = set(prepared.reinitialised)
+    trainable = {id(p) for p in prepared.trainable}
+    return [name for name, p in prepared.model.named_parameters() if id(p) in trainable and name not in fresh]
+
+
+@torch.no_grad()
+def shrink_perturb(model: nn.Module, names: list[str], shrink: float, perturb: float, *, seed: int) -> list[str]:
+    """Shrink-and-perturb (Ash & Adams 2020) in place: θ ← shrink·θ + perturb·θ_fresh for the named parameters,
+    θ_fresh from a copy of the model whose every submodule was reset (`reset_parameters()`, module order) under
+    `torch.manual_seed(seed)`. Parameters without a fresh init (no `reset_parameters()`) keep their values, with a
+    warning. Returns the names changed. (1.0, 0.0) changes nothing and draws no random numbers."""
+    if (shrink, perturb) == (1.0, 0.0) or not names:
+        return []
+    fresh = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reset = set(_reinitialise(fresh, [fresh], seed))
+    fresh_values = dict(fresh.named_parameters())
+    params = dict(model.named_parameters())
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise KeyError(f"shrink_perturb: no parameters named {', '.join(missing[:5])}")
+    kept = [name for name in names if name not in reset]
+    if kept:
+        warnings.warn(f"shrink-and-perturb kept {len(kept)} parameters that have no fresh init "
+                      f"(no reset_parameters()): {', '.join(kept[:5])}{', …' if len(kept) > 5 else ''}")
+    changed = [name for name in names if name in reset]
+    for name in changed:
+        params[name].mul_(shrink).add_(fresh_values[name].to(params[name].device), alpha=perturb)
+    return changed
+
+
+def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The model's BatchNorm layers that keep running statistics (timm's BatchNormAct2d included)."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, data, *, batch_size: int, device: torch.device | str = "cpu",
+                          forward: Callable | None = None) -> int:
+    """Re-estimate every BatchNorm layer's running statistics on `data` (an ImageSet): running stats reset,
+    momentum None (a cumulative average over the batches), one pass in the data's order in batches of
+    `batch_size`, no gradient; the BatchNorm layers in train mode, every other module in eval mode (no dropout);
+    then every module's mode and momentum restored. `forward(model, uint8 images)` runs a batch (default:
+    `model(to_input(images))`, a classifier). Returns the number of layers recalibrated: a model without
+    BatchNorm (the diffusion UNet's GroupNorm) is a no-op, with no forward pass and no error."""
+    from sophon.train import to_input
+
+    layers = batchnorms(model)
+    if not layers:
+        return 0
+    if forward is None:
+        def forward(net, images):
+            return net(to_input(images, device))
+    modes = {m: m.training for m in model.modules()}
+    momenta = [layer.momentum for layer in layers]
+    model.eval()
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None
+        layer.train()
+    try:
+        for start in range(0, len(data), batch_size):
+            forward(model, data.images[start:start + batch_size])
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        for module, training in modes.items():
+            module.training = training
+    return len(layers)

@@ -35,6 +35,30 @@ def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device, non_blocking=True).float().div_(255)
 
 
+def shift_images(images: torch.Tensor, generator: torch.Generator, shift: int) -> torch.Tensor:
+    """Every image translated by its own integer offsets (dy, dx) in [-shift, shift], drawn from `generator`
+    (dy for all images, then dx); the uncovered border is filled by reflection. uint8 (N, C, H, W) in and out."""
+    n, _, h, w = images.shape
+    padded = F.pad(images.float(), (shift, shift, shift, shift), mode="reflect")
+    dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)]).to(images.dtype)
+
+
+def random_shift(shift: int, probability: float = 0.5) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """A batch transform for `train_epochs`: with `probability` (one draw per batch) the batch's images are
+    shifted by `shift_images`; otherwise it passes unchanged."""
+    if shift < 1:
+        raise ValueError(f"shift must be a positive number of pixels, got {shift}")
+
+    def transform(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if torch.rand((), generator=generator).item() >= probability:
+            return images
+        return shift_images(images, generator, shift)
+
+    return transform
+
+
 def batches(data: ImageSet, batch_size: int, generator: torch.Generator, *, drop_last: bool = False) -> Iterator:
     """One shuffled epoch of (uint8 images, labels) batches."""
     order = torch.randperm(len(data), generator=generator)
@@ -92,10 +116,14 @@ def evaluate_accuracy(model: torch.nn.Module, data: ImageSet, device: torch.devi
 
 def train_epochs(model, data: ImageSet, optimizer, *, epochs: int, batch_size: int, generator: torch.Generator,
                  device: torch.device | str = "cpu", scheduler=None, on_epoch: Callable[[int], None] | None = None,
-                 loss: Callable | None = None, desc: str = "train") -> list[float]:
+                 loss: Callable | None = None, desc: str = "train",
+                 transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                 clip_norm: float = 0.0) -> list[float]:
     """The one training loop: `loss(model, images, labels, generator)` per batch (cross-entropy by default;
     an objective's `finetune_loss` for diffusion); `on_epoch(k)` runs after every epoch k = 1..epochs.
-    Returns the mean training loss of every epoch."""
+    `transform(images, generator)` (e.g. `random_shift`) changes each uint8 batch before the loss; `clip_norm` > 0
+    clips the global gradient norm of the optimiser's parameters to it before every step (0: no clipping, and no
+    call). Neither draws from `generator` when off. Returns the mean training loss of every epoch."""
     if loss is None:
         def loss(net, images, labels, _generator):
             return F.cross_entropy(net(to_input(images, device)), labels.to(device))
@@ -105,9 +133,14 @@ def train_epochs(model, data: ImageSet, optimizer, *, epochs: int, batch_size: i
     for epoch in range(1, epochs + 1):
         total, count = 0.0, 0
         for images, labels in batches(data, batch_size, generator):
+            if transform is not None:
+                images = transform(images, generator)
             value = loss(model, images, labels, generator)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
+            if clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                               clip_norm)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()

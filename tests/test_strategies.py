@@ -7,7 +7,8 @@ from torch import nn
 from sophon.diffusion import QUICK_UNET, build_unet
 from sophon.errors import ConfigError
 from sophon.models import Classifier, build_classifier
-from sophon.strategies import check_strategy, get_stage, model_stages, prepare
+from sophon.strategies import (check_strategy, get_stage, model_stages, prepare, recalibrate_batchnorm, shrink_perturb,
+                               shrinkable)
 
 HEAD = ["net.fc.weight", "net.fc.bias"]
 
@@ -201,3 +202,89 @@ def test_prepare_rejects_a_strategy_of_the_other_task():
 ])
 def test_good_names_pass(strategy, task):
     check_strategy(strategy, task)
+
+
+# --- preparations: shrink-and-perturb, BatchNorm recalibration ---------------------------------------------
+
+def fresh_values(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """What shrink_perturb calls θ_fresh: a copy with every submodule reset under the seed."""
+    import copy
+    import warnings
+
+    from sophon.strategies import _reinitialise
+
+    copy_ = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _reinitialise(copy_, [copy_], seed)
+    return {k: v.detach().clone() for k, v in copy_.named_parameters()}
+
+
+def test_shrink_perturb_mixes_trained_weights_with_a_seeded_fresh_init():
+    model = classifier()
+    prepared = prepare(model, "initFC+all", seed=1)
+    names = shrinkable(prepared)
+    assert names == [n for n, _ in model.named_parameters() if n not in HEAD]  # trained, not just re-initialised
+    before, fresh = snapshot(model), fresh_values(model, seed=7)
+    changed = shrink_perturb(model, names, 0.4, 0.1, seed=7)
+    assert changed == names
+    after = model.state_dict()
+    for name, value in before.items():
+        if name in names:
+            assert torch.equal(after[name], value.mul(0.4).add(fresh[name], alpha=0.1)), name
+        else:  # the fresh head and every buffer (BN running stats) untouched
+            assert torch.equal(after[name], value), name
+
+    def run(seed):
+        again = prepare(classifier(), "initFC+all", seed=1)
+        shrink_perturb(again.model, shrinkable(again), 0.4, 0.1, seed=seed)
+        return again.model.state_dict()
+
+    a, b, c = run(7), run(7), run(8)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], after[k]) for k in a)
+    assert not torch.equal(a["net.layer1.0.conv1.weight"], c["net.layer1.0.conv1.weight"])
+
+
+def test_shrink_perturb_applies_to_what_the_strategy_trains_only():
+    frozen_backbone = prepare(classifier(), "initFC+FC", seed=0)
+    assert shrinkable(frozen_backbone) == []  # only the fresh head trains
+    reinit = prepare(classifier(), "reinit1+all", seed=0)
+    assert shrinkable(reinit) == [n for n, _ in reinit.model.named_parameters() if n not in reinit.reinitialised]
+    lora = prepare(classifier(), "lora", seed=0, lora_rank=2)
+    assert shrinkable(lora) == []  # adapters are new, the base is frozen
+    model = classifier()
+    before = snapshot(model)
+    assert shrink_perturb(model, [n for n, _ in model.named_parameters()], 1.0, 0.0, seed=0) == []  # off
+    check_reinitialised(before, model, [])
+
+
+def test_recalibrate_batchnorm_sets_the_running_statistics_of_the_data():
+    from sophon.data import ImageSet
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 6, 6), dtype=torch.uint8)
+    data = ImageSet(images, torch.zeros(40, dtype=torch.int64), ("a",))
+    model = nn.Sequential(nn.Dropout(0.5), nn.BatchNorm2d(3, momentum=0.3))
+    with torch.no_grad():
+        model.train()(torch.rand(8, 3, 6, 6) * 5)  # stale statistics
+    model.eval()
+    assert recalibrate_batchnorm(model, data, batch_size=10) == 1
+    x = images.float() / 255
+    batches = x.split(10)
+    expected_mean = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+    expected_var = torch.stack([b.var((0, 2, 3), unbiased=True) for b in batches]).mean(0)
+    bn = model[1]
+    assert torch.allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-6)  # equal batches: the data's mean
+    assert torch.allclose(bn.running_mean, expected_mean, atol=1e-6)
+    assert torch.allclose(bn.running_var, expected_var, atol=1e-6)
+    assert int(bn.num_batches_tracked) == 4 and bn.momentum == 0.3  # momentum restored
+    assert not model.training and not bn.training  # modes restored
+
+
+def test_recalibrate_batchnorm_is_a_no_op_without_batchnorm():
+    model = unet()
+    before = snapshot(model)
+    data = type("Data", (), {"images": torch.zeros(4, 1, 16, 16, dtype=torch.uint8)})()
+    assert recalibrate_batchnorm(model, data, batch_size=2) == 0
+    check_reinitialised(before, model, [])
