@@ -97,7 +97,8 @@ def test_cosine_schedule_warms_up_over_the_steps_asked(warmup, peak):
 
 def test_clip_norm_bounds_the_gradient_applied():
     torch.manual_seed(0)
-    data = ImageSet(torch.randint(0, 256, (16, 1, 4, 4), dtype=torch.uint8), torch.randint(0, 3, (16,)), ("a", "b", "c"))
+    data = ImageSet(torch.randint(0, 256, (16, 1, 4, 4), dtype=torch.uint8), torch.randint(0, 3, (16,)),
+                    ("a", "b", "c"))
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     norms = []
 
