@@ -125,6 +125,9 @@ def _check_names(config: dict, source: str) -> None:
                 raise ConfigError(f"{source}: key '{at}.attacks.{name}.method' = {attack['method']}: unknown attack "
                                   f"method; known: {', '.join(sorted(ATTACKS))}")
         check_search(exp["search"], exp["task"], f"{at}.search", source)
+        from sophon.tasks import get_task
+
+        check_redteam(exp["redteam"], exp["task"], get_task(exp["task"]).models(), f"{at}.redteam", source)
         _check_simulated_starts(exp["sophon"], exp["task"], f"{at}.sophon", source)
         for variant, changes in exp["ablation"]["variants"].items():
             unknown_keys = sorted(set(changes) - set(exp["sophon"]))
@@ -189,3 +192,25 @@ def check_search(search: dict, task: str, key: str, source: str) -> None:
             raise ConfigError(f"{source}: key '{key}.space.lrs.{optimizer}': low {spec['low']} is above high {spec['high']}")
     if search["confirm_top"] > max(1, search["trials"]) and search["trials"] > 0:
         raise ConfigError(f"{source}: key '{key}.confirm_top' = {search['confirm_top']}: more than the {search['trials']} trials")
+    late = [e for e in search["candidate_epochs"] if e > search["coarse_epochs"]]
+    if late:
+        raise ConfigError(f"{source}: key '{key}.candidate_epochs' = {late[0]}: beyond coarse_epochs "
+                          f"({search['coarse_epochs']})")
+
+
+def check_redteam(redteam: dict, task: str, starts: list[str], key: str, source: str) -> None:
+    """What the schema cannot check in a red-team suite: strategy names of the task, starts the task has."""
+    from sophon.strategies import check_strategy
+
+    for start in redteam["starts"]:
+        if start not in starts:
+            raise ConfigError(f"{source}: key '{key}.starts' = {start}: not a start of the {task} task; "
+                              f"allowed: {', '.join(starts)}")
+    for name, attack in redteam["attacks"].items():
+        try:
+            check_strategy(attack["strategy"], task)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: key '{key}.attacks.{name}.strategy' = {attack['strategy']}: {exc}") from None
+        if task == "diffusion" and (attack["label_smoothing"] or attack["shift"]):
+            raise ConfigError(f"{source}: key '{key}.attacks.{name}': label_smoothing and shift are for classifiers "
+                              f"(the diffusion objective has its own augment section)")

@@ -74,6 +74,11 @@ def search_result(experiment: str, start: str) -> Path:
     return results(experiment) / "search" / f"{start}.json"
 
 
+def redteam_result(experiment: str, start: str) -> Path:
+    """The red-team suite's runs against one start."""
+    return results(experiment) / "redteam" / f"{start}.json"
+
+
 def ablation_dir(experiment: str) -> Path:
     """The ablation of the protect stage's settings (stages.ablation), outside the default target."""
     return results(experiment) / "ablation"

@@ -1,20 +1,25 @@
 """The attack search: the strongest fine-tuning attacker this pipeline can find for one starting point.
 
 Every start (scratch, original, NTL, Sophon) gets the same budget and picks its own best configurations:
-  1. coarse: `trials` configurations of the search space, one seed, `coarse_epochs` epochs, scored by the area
-     under the quality-vs-epoch curve (sophon.envelope.score: rewards speed and end point);
-  2. confirm: the `confirm_top` best of them, every seed of `seeds`, `epochs` epochs (the long horizon).
+  1. coarse, by successive halving (Optuna): `trials` configurations start, one seed, each fine-tuning for up to
+     `coarse_epochs` epochs. After every epoch a run reports the best quality it holds so far; the pruner
+     (`halving.pruner`: successive halving, or Hyperband's brackets of it) stops a run at a rung (1, 3, 9, … epochs
+     for `min_epochs` 1 and `reduction` 3) unless it is in the best 1/`reduction` of the runs that reached that rung.
+     So many configurations get one epoch and the promising ones the longer horizons.
+  2. candidates: the best configuration at each of `candidate_epochs` (and the coarse end), by the best quality it
+     held by then, and the `confirm_top` best by area among the runs that finished the coarse horizon;
+  3. confirm: every candidate at every seed of `seeds`: the area-best for `epochs` epochs (the long horizon), the
+     per-epoch candidates for the coarse horizon they won at (the same schedule), so an attack that wins at epochs
+     1–3 is measured over seeds where it wins. The envelope (sophon.envelope) takes, at each epoch, the best
+     confirmed configuration whose runs reach that epoch.
 
-The space is a grid (strategies × optimisers × per-optimiser log-spaced lrs × batch sizes × schedules × weight
-decays). `trials` picks a balanced, stable subsample of it: the grid is cut into strata (strategy × optimiser;
-optimiser alone from scratch, where no strategy applies), each stratum ranks its configurations by a hash of
-their names, and the strata take turns giving their next-ranked configuration until the budget is spent. The
-same configuration therefore gets the same rank in every start and every run, and changing one value (say
-adam's lrs) changes only the strata it touches. `trials: 0` runs the whole grid.
+Sampling: strata (strategy × optimiser; optimiser alone from scratch, where no strategy applies) take turns, so
+every stratum gets trials in every start; within a trial Optuna's TPE sampler (seeded, one process, sequential:
+reproducible) picks the learning rate, batch size, schedule, weight decay and preparation. `trials: 0` (or a
+budget as large as the grid) runs the whole grid instead, still by successive halving.
 
-Results are cached per (attack settings, seed, start model, data, core code) under `.cache/`: a rerun
-after one value changed computes only the new configurations, and start-up is paid once per start, not per
-configuration.
+Results are cached per (attack settings, seed, start model, data, core code) under `.cache/`: a rerun after one
+value changed replays the cached runs through the same sampler and pruner and computes only what is new.
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ from typing import Callable
 import torch
 
 from sophon.attacks import AttackSettings, finetune
-from sophon.envelope import score
+from sophon.envelope import best_so_far, score
 from sophon.io import code_digest, read_json, write_json
 
 SCRATCH = "scratch"
+PREPARATIONS = ("none", "recalibrate_bn", "shrink_perturb")
 
 
 @dataclass(frozen=True)
@@ -47,17 +53,25 @@ class Trial:
     batch_size: int
     schedule: str = "constant"
     weight_decay: float = 0.0
+    preparation: str = "none"  # a step before fine-tuning: recalibrate_bn, shrink_perturb (sophon.strategies)
 
     @property
     def name(self) -> str:
-        return (f"{self.strategy} {self.optimizer} lr={self.lr:g} bs={self.batch_size} {self.schedule} "
+        prepared = "" if self.preparation == "none" else f"+{self.preparation}"
+        return (f"{self.strategy}{prepared} {self.optimizer} lr={self.lr:g} bs={self.batch_size} {self.schedule} "
                 f"wd={self.weight_decay:g}")
 
-    def settings(self, epochs: int, lora_rank: int) -> AttackSettings:
+    def settings(self, epochs: int, lora_rank: int, shrink_perturb: dict | None = None) -> AttackSettings:
         strategy = "direct+all" if self.strategy == SCRATCH else self.strategy
+        extra = {}
+        if self.preparation == "recalibrate_bn":
+            extra["recalibrate_bn"] = True
+        elif self.preparation == "shrink_perturb":
+            sp = shrink_perturb or {"shrink": 0.5, "perturb": 0.01}
+            extra.update(shrink=float(sp["shrink"]), perturb=float(sp["perturb"]))
         return AttackSettings(strategy=strategy, optimizer=self.optimizer, lr=self.lr, batch_size=self.batch_size,
                               weight_decay=self.weight_decay, epochs=epochs, schedule=self.schedule,
-                              lora_rank=lora_rank)
+                              lora_rank=lora_rank, **extra)
 
 
 def lr_values(spec: dict) -> list[float]:
@@ -69,34 +83,23 @@ def lr_values(spec: dict) -> list[float]:
     return [float(f"{low * ratio ** i:.3g}") for i in range(count)]
 
 
-def grid(space: dict, start: str) -> list[Trial]:
-    """Every configuration of the space for `start` (from scratch the strategy axis collapses)."""
+def _preparations(space: dict, start: str) -> list[str]:
+    return ["none"] if start == SCRATCH else list(space.get("preparations", ["none"]))
+
+
+def strata(space: dict, start: str) -> list[tuple[str, str]]:
+    """(strategy, optimiser) pairs in config order; from scratch the strategy axis collapses."""
     strategies = [SCRATCH] if start == SCRATCH else space["strategies"]
-    return [Trial(strategy, optimizer, lr, batch_size, schedule, weight_decay)
-            for strategy, optimizer in itertools.product(strategies, space["optimizers"])
-            for lr, batch_size, schedule, weight_decay in itertools.product(
-                lr_values(space["lrs"][optimizer]), space["batch_sizes"], space["schedules"], space["weight_decays"])]
+    return list(itertools.product(strategies, space["optimizers"]))
 
 
-def _rank(trial: Trial) -> str:
-    return hashlib.sha256(trial.name.encode()).hexdigest()
-
-
-def design(space: dict, start: str, trials: int) -> list[Trial]:
-    """The balanced, stable subsample of the grid described in the module docstring (all of it if trials ≤ 0)."""
-    full = grid(space, start)
-    if trials <= 0 or trials >= len(full):
-        return full
-    strata: dict[tuple, list[Trial]] = {}
-    for trial in full:
-        strata.setdefault((trial.strategy, trial.optimizer), []).append(trial)
-    queues = [sorted(members, key=_rank) for members in strata.values()]
-    chosen: list[Trial] = []
-    for depth in range(max(len(q) for q in queues)):
-        for queue in queues:
-            if depth < len(queue) and len(chosen) < trials:
-                chosen.append(queue[depth])
-    return chosen
+def grid(space: dict, start: str) -> list[Trial]:
+    """Every configuration of the space for `start` (from scratch the strategy and preparation axes collapse)."""
+    return [Trial(strategy, optimizer, lr, batch_size, schedule, weight_decay, preparation)
+            for strategy, optimizer in strata(space, start)
+            for lr, batch_size, schedule, weight_decay, preparation in itertools.product(
+                lr_values(space["lrs"][optimizer]), space["batch_sizes"], space["schedules"], space["weight_decays"],
+                _preparations(space, start))]
 
 
 def steps_per_epoch(samples: int, batch_size: int) -> int:
@@ -104,17 +107,32 @@ def steps_per_epoch(samples: int, batch_size: int) -> int:
 
 
 def top(records: list[dict], k: int, higher_is_better: bool) -> list[dict]:
-    """The k best coarse records by score (ties: the earlier record)."""
+    """The k best records by score (ties: the earlier record)."""
     ranked = sorted(enumerate(records), key=lambda item: (-score(item[1]["curve"], higher_is_better), item[0]))
     return [record for _, record in ranked[:k]]
+
+
+def best_at(records: list[dict], epoch: int, higher_is_better: bool) -> dict | None:
+    """The record holding the best quality by `epoch` (its best checkpoint so far), among records that reached it;
+    ties go to the earlier record, NaN never wins."""
+    best, best_key = None, None
+    for record in records:
+        if len(record["curve"]) <= epoch:
+            continue
+        value = best_so_far(record["curve"], higher_is_better)[epoch]
+        key = -math.inf if value != value else (value if higher_is_better else -value)
+        if best_key is None or key > best_key:
+            best, best_key = record, key
+    return best
 
 
 # --- the per-run cache ---------------------------------------------------------------------------------------
 
 class RunCache:
     """One JSON file per finished run, keyed by everything that determines its curve: the context (start model,
-    data, objective), the attack settings and the seed. From scratch the strategy does not apply, so runs that
-    differ only in it share one entry."""
+    data, objective), the attack settings and the seed. From scratch the strategy and the preparations do not apply,
+    so runs that differ only in them share one entry. A run stopped early by the pruner is stored with
+    `complete: false`; it is extended (recomputed) only if a later search promotes it further."""
 
     def __init__(self, folder: str | Path, context: dict):
         self.folder = Path(folder)
@@ -122,7 +140,7 @@ class RunCache:
 
     def key(self, settings: AttackSettings, seed: int, *, from_scratch: bool) -> str:
         if from_scratch:
-            settings = replace(settings, strategy=SCRATCH, lora_rank=0)
+            settings = replace(settings, strategy=SCRATCH, lora_rank=0, recalibrate_bn=False, shrink=1.0, perturb=0.0)
         blob = json.dumps({**self.context, "settings": asdict(settings), "seed": seed}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -140,56 +158,175 @@ class RunCache:
         write_json(self.folder / f"{key}.json", record)
 
 
+class _Stop(Exception):
+    """Raised from a run's epoch callback to end it early (pruned)."""
+
+
 def cached_finetune(cache: RunCache, build: Callable[[], torch.nn.Module], settings: AttackSettings, seed: int, *,
                     from_scratch: bool, objective, adversary, test, device: torch.device,
-                    extra: Callable[[torch.nn.Module], dict] | None = None) -> tuple[dict, bool]:
+                    extra: Callable[[torch.nn.Module], dict] | None = None,
+                    keep_going: Callable[[int, float], bool] | None = None) -> tuple[dict, bool]:
     """One fine-tuning run (sophon.attacks.finetune) through the cache: (record, cached). The record holds the
-    curve, the seconds the run took when it was computed, and what `extra(fine-tuned model)` returns (e.g. a
-    diffusion model's denoised images)."""
+    curve, `complete` (false when `keep_going(epoch, value)` stopped it early), the seconds the run took when it was
+    computed, and what `extra(fine-tuned model)` returns (e.g. a diffusion model's denoised images).
+
+    With `keep_going`, a cached curve is replayed through it first: a stop inside the cached part costs nothing; a
+    cached run that was stopped earlier than it now should be is computed again (the same seed gives the same
+    prefix) and `keep_going` sees only the epochs it has not seen."""
     key = cache.key(settings, seed, from_scratch=from_scratch)
     record = cache.get(key)
+    seen = 0
     if record is not None:
-        return record, True
+        complete = record.get("complete", True)
+        if keep_going is None:
+            if complete:
+                return record, True
+        else:
+            for epoch, value in enumerate(record["curve"][1:], 1):
+                seen = epoch
+                if not keep_going(epoch, value):
+                    return {**record, "curve": record["curve"][:epoch + 1], "complete": epoch == settings.epochs}, True
+            if complete:
+                return record, True
+
+    def on_epoch(epoch: int, value: float) -> None:
+        if keep_going is not None and epoch > seen and not keep_going(epoch, value):
+            raise _Stop
+
     began = time.perf_counter()
     torch.manual_seed(seed)
     model = build()
-    curve = finetune(model, adversary, test, settings, seed=seed, device=device, from_scratch=from_scratch,
-                     objective=objective)
-    record = {"curve": curve, "seconds": time.perf_counter() - began, **(extra(model) if extra else {})}
+    curve: list[float] = []
+    complete = True
+    try:
+        finetune(model, adversary, test, settings, seed=seed, device=device, from_scratch=from_scratch,
+                 objective=objective, on_epoch=lambda e, v: (curve.append(v), on_epoch(e, v)))
+    except _Stop:
+        complete = len(curve) - 1 == settings.epochs
+    record = {"curve": curve, "complete": complete, "seconds": time.perf_counter() - began,
+              **(extra(model) if extra and complete else {})}
     cache.put(key, record)
     return record, False
 
 
 # --- the search for one start ----------------------------------------------------------------------------------
 
+def _oriented(value: float, higher: bool) -> float:
+    return value if higher else -value
+
+
+def _pruner(halving: dict, coarse_epochs: int):
+    import optuna
+
+    if halving.get("pruner", "successive_halving") == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=halving["min_epochs"], max_resource=coarse_epochs,
+                                              reduction_factor=halving["reduction"])
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=halving["min_epochs"],
+                                                  reduction_factor=halving["reduction"], min_early_stopping_rate=0)
+
+
+def plan(space: dict, start: str, trials: int) -> list[dict]:
+    """The trials' fixed parameters in order: a stratum each, the strata taking turns (the rest sampled), or, when
+    the budget covers the grid, every grid configuration in full."""
+    full = grid(space, start)
+    if trials <= 0 or trials >= len(full):
+        return [asdict(t) for t in full]
+    pairs = strata(space, start)
+    return [dict(zip(("strategy", "optimizer"), pairs[i % len(pairs)])) for i in range(trials)]
+
+
+def _sample(trial, fixed: dict, space: dict, start: str) -> Trial:
+    """Optuna picks what the plan left open (TPE), each optimiser's lr on its own axis."""
+    if "lr" in fixed:
+        return Trial(**fixed)
+    optimizer = fixed["optimizer"]
+    return Trial(strategy=fixed["strategy"], optimizer=optimizer,
+                 lr=trial.suggest_categorical(f"lr_{optimizer}", lr_values(space["lrs"][optimizer])),
+                 batch_size=trial.suggest_categorical("batch_size", list(space["batch_sizes"])),
+                 schedule=trial.suggest_categorical("schedule", list(space["schedules"])),
+                 weight_decay=trial.suggest_categorical("weight_decay", list(space["weight_decays"])),
+                 preparation=trial.suggest_categorical("preparation", _preparations(space, start)))
+
+
+def coarse_search(run: Callable, cfg: dict, start: str, higher: bool) -> list[dict]:
+    """Step 1: `run(trial, epochs, keep_going) -> record` for every planned trial under the pruner. Returns the
+    coarse records (name, config, curve up to where the run stopped, score, pruned)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    halving, epochs = cfg["halving"], cfg["coarse_epochs"]
+
+    study = optuna.create_study(direction="maximize", pruner=_pruner(halving, epochs),
+                                sampler=optuna.samplers.TPESampler(seed=cfg["coarse_seed"]))
+    records = []
+    for fixed in plan(cfg["space"], start, cfg["trials"]):
+        handle = study.ask()
+        config = _sample(handle, fixed, cfg["space"], start)
+        held = [-math.inf]  # the best quality the run holds so far (its best checkpoint), oriented
+
+        def keep_going(epoch: int, value: float, handle=handle, held=held) -> bool:
+            held[0] = max(held[0], _oriented(value, higher) if value == value else -math.inf)
+            handle.report(held[0] if math.isfinite(held[0]) else -1e9, epoch)
+            return not handle.should_prune()
+
+        record = run(config, epochs, keep_going)
+        curve = record["curve"]
+        pruned = len(curve) - 1 < epochs
+        value = score(curve, higher) if len(curve) > 1 else -math.inf
+        if pruned:
+            study.tell(handle, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(handle, value if math.isfinite(value) else -1e9)
+        records.append({"name": config.name, "config": asdict(config), "curve": curve, "score": value,
+                        "pruned": pruned})
+    return records
+
+
+def candidates(coarse: list[dict], cfg: dict, higher: bool) -> list[tuple[dict, int, list[str]]]:
+    """Step 2: (coarse record, confirmation horizon, why) for every distinct candidate: the best by area among the
+    runs that finished the coarse horizon (long horizon), and the best at each candidate epoch (coarse horizon)."""
+    chosen: dict[tuple[str, int], tuple[dict, int, list[str]]] = {}
+
+    def add(record: dict, horizon: int, why: str) -> None:
+        entry = chosen.setdefault((record["name"], horizon), (record, horizon, []))
+        entry[2].append(why)
+
+    finished = [r for r in coarse if len(r["curve"]) - 1 == cfg["coarse_epochs"]]
+    for rank, record in enumerate(top(finished, cfg["confirm_top"], higher), 1):
+        add(record, cfg["epochs"], f"area #{rank}")
+    for epoch in sorted({*cfg.get("candidate_epochs", []), cfg["coarse_epochs"]}):
+        if epoch <= cfg["coarse_epochs"]:
+            record = best_at(coarse, epoch, higher)
+            if record is not None:
+                add(record, cfg["coarse_epochs"], f"epoch {epoch}")
+    return list(chosen.values())
+
+
 def run_search(build: Callable[[], torch.nn.Module], objective, adversary, test, cfg: dict, *, start: str,
                device: torch.device, cache: RunCache,
                on_run: Callable[[dict], None] | None = None) -> dict:
-    """Coarse search then confirmation for one start. `build()` returns a fresh copy of the start's model.
-    `on_run(record)` sees every run (phase, trial, seed, curve, cached). Returns the search document."""
+    """Coarse search by successive halving, then the candidates confirmed over seeds, for one start. `build()`
+    returns a fresh copy of the start's model. `on_run(record)` sees every run (phase, trial, seed, curve, cached).
+    Returns the search document."""
     higher = objective.higher_is_better
-    lora_rank = cfg["lora_rank"]
+    lora_rank, sp = cfg["lora_rank"], cfg["space"].get("shrink_perturb")
 
-    def one(trial: Trial, seed: int, epochs: int, phase: str) -> list[float]:
-        record, cached = cached_finetune(cache, build, trial.settings(epochs, lora_rank), seed,
+    def one(trial: Trial, seed: int, epochs: int, phase: str, keep_going=None) -> dict:
+        record, cached = cached_finetune(cache, build, trial.settings(epochs, lora_rank, sp), seed,
                                          from_scratch=start == SCRATCH, objective=objective, adversary=adversary,
-                                         test=test, device=device)
+                                         test=test, device=device, keep_going=keep_going)
         if on_run is not None:
             on_run({"phase": phase, "trial": trial, "seed": seed, "curve": record["curve"], "cached": cached,
-                    "score": score(record["curve"], higher)})
-        return record["curve"]
+                    "score": score(record["curve"], higher) if len(record["curve"]) > 1 else float("nan")})
+        return record
 
-    coarse = [{"name": t.name, "config": asdict(t), "curve": one(t, cfg["coarse_seed"], cfg["coarse_epochs"], "coarse")}
-              for t in design(cfg["space"], start, cfg["trials"])]
-    for record in coarse:
-        record["score"] = score(record["curve"], higher)
+    coarse = coarse_search(lambda t, e, k: one(t, cfg["coarse_seed"], e, "coarse", k), cfg, start, higher)
     confirmed = {}
-    for record in top(coarse, cfg["confirm_top"], higher):
+    for record, horizon, why in candidates(coarse, cfg, higher):
         trial = Trial(**record["config"])
-        confirmed[trial.name] = {
-            "config": asdict(trial), "coarse_score": record["score"],
-            "steps_per_epoch": steps_per_epoch(len(adversary), trial.batch_size),
-            "seeds": list(cfg["seeds"]),
-            "curves": [one(trial, seed, cfg["epochs"], "confirm") for seed in cfg["seeds"]]}
+        confirmed[f"{trial.name} | {horizon} ep"] = {
+            "config": asdict(trial), "horizon": horizon, "chosen_for": why, "coarse_score": record["score"],
+            "steps_per_epoch": steps_per_epoch(len(adversary), trial.batch_size), "seeds": list(cfg["seeds"]),
+            "curves": [one(trial, seed, horizon, "confirm")["curve"] for seed in cfg["seeds"]]}
     return {"start": start, "higher_is_better": higher, "coarse_epochs": cfg["coarse_epochs"],
-            "epochs": cfg["epochs"], "coarse": coarse, "confirmed": confirmed}
+            "epochs": cfg["epochs"], "tried": len(coarse), "coarse": coarse, "confirmed": confirmed}

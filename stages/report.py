@@ -103,7 +103,7 @@ def classification_report(exp: dict, device) -> tuple[dict, list[str]]:
     summary = build_summary(exp, **inputs)
     images = figure_paths(exp)
     summary["envelope"], search_section, _ = search_report.build(exp["search"], exp["name"], images["envelope"].parent,
-                                                                 exp["report"]["epochs"])
+                                                                 exp["report"]["epochs"], exp.get("redteam"))
     with stage_run("report", exp["name"], params={"attacks": ",".join(exp["attacks"]), "seeds": exp["seeds"],
                                                   "sweep_lrs": exp["sweep"]["lrs"]}) as tracked:
         figures.restricted_accuracy(summary, images["restricted_accuracy"])
@@ -160,7 +160,7 @@ def diffusion_report(exp: dict, device) -> tuple[dict, list[str]]:
                                    cards=cards, histories=histories, stability=stability, report=exp["report"])
     images = figure_paths(exp)
     summary["envelope"], search_section, _ = search_report.build(exp["search"], name, images["envelope"].parent,
-                                                                 exp["report"]["epochs"])
+                                                                 exp["report"]["epochs"], exp.get("redteam"))
     restricted_rows, original_rows = denoised_rows(exp, device)
     t, sophon = exp["report"]["denoise_timestep"], exp["sophon"]
     notes = [f"Original domain: {exp['original']['domain']}; restricted domain: {exp['restricted']['domain']}; images "

@@ -38,6 +38,7 @@ def tiny_params(path: Path) -> dict:
         for attack in exp["attacks"].values():
             attack["epochs"] = 2
         shrink_search(exp["search"])
+        shrink_redteam(exp["redteam"])
         exp["ablation"]["variants"] = {"paper": exp["ablation"]["variants"]["paper"]}
         exp["pretrain"].update(epochs=1)
         if exp["task"] == "classification":
@@ -59,8 +60,16 @@ def tiny_params(path: Path) -> dict:
 
 
 def shrink_search(search: dict) -> None:
-    """Two configurations per start, two epochs each; the best one confirmed at one seed for three epochs."""
-    search.update(trials=2, coarse_epochs=2, confirm_top=1, epochs=3, seeds=[0])
+    """Two configurations per start, up to two epochs each; the best confirmed at one seed (three epochs by area, two
+    as the best at epoch 1)."""
+    search.update(trials=2, coarse_epochs=2, candidate_epochs=[1], confirm_top=1, epochs=3, seeds=[0])
+
+
+def shrink_redteam(redteam: dict) -> None:
+    """One red-team attack (the first) at one seed for two epochs."""
+    first = next(iter(redteam["attacks"]), None)
+    redteam["seeds"] = [0]
+    redteam["attacks"] = {first: {**redteam["attacks"][first], "epochs": 2}} if first else {}
 
 
 def environment(workdir: Path) -> dict:

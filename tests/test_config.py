@@ -46,7 +46,7 @@ def test_shipped_profiles_validate_and_fill_defaults():
         "model": {"arch": "test_resnet"}, "attacks": {"a": {"strategy": "direct+all", "optimizer": "sgd", "lr": 0.1}},
         "search": search}}})["experiments"]["x"]
     assert minimal["sophon"]["suppression"] == "ice" and minimal["data"]["image_size"] == 28
-    assert minimal["search"]["space"]["lrs"]["sgd"]["count"] == 3 and minimal["search"]["epochs"] == 50
+    assert minimal["search"]["space"]["lrs"]["sgd"]["count"] == 5 and minimal["search"]["epochs"] == 50
     assert minimal["split"]["original_val_samples"] == 1000 and minimal["search"]["space"]["schedules"] == ["constant"]
 
 
@@ -69,7 +69,14 @@ def test_shipped_profiles_validate_and_fill_defaults():
      f"key '{CLS}.search.space.lrs' has no range for optimizer sgd"),
     (lambda c: C(c)["search"]["space"]["lrs"]["adam"].update(low=0.1, high=0.01), f"key '{CLS}.search.space.lrs.adam': low 0.1 is above high"),
     (lambda c: C(c)["search"]["space"]["lrs"]["adam"].update(count=0), f"key '{CLS}.search.space.lrs.adam.count' = 0"),
-    (lambda c: C(c)["search"]["space"]["batch_sizes"].append(0), f"key '{CLS}.search.space.batch_sizes.2' = 0"),
+    (lambda c: C(c)["search"]["space"]["batch_sizes"].append(0), f"key '{CLS}.search.space.batch_sizes.4' = 0"),
+    (lambda c: C(c)["search"].update(candidate_epochs=[1, 40]), f"key '{CLS}.search.candidate_epochs' = 40: beyond"),
+    (lambda c: C(c)["search"]["space"].update(preparations=["melt"]), f"key '{CLS}.search.space.preparations.0' = melt"),
+    (lambda c: C(c)["redteam"]["attacks"]["reinit3_adam"].update(strategy="reinit+all"),
+     f"key '{CLS}.redteam.attacks.reinit3_adam.strategy' = reinit+all"),
+    (lambda c: G(c)["redteam"]["attacks"]["adam_small_batch_clipped"].update(label_smoothing=0.1),
+     f"key '{GEN}.redteam.attacks.adam_small_batch_clipped': label_smoothing"),
+    (lambda c: C(c)["redteam"].update(starts=["scratch"]), f"key '{CLS}.redteam.starts.0' = scratch"),
     (lambda c: C(c)["search"]["space"].update(schedules=["linear"]), f"key '{CLS}.search.space.schedules.0' = linear"),
     (lambda c: C(c)["search"].update(starts=["scratch"]), f"key '{CLS}.search.starts.0' = scratch"),
     (lambda c: G(c)["search"].update(starts=["ntl", "sophon"]), f"key '{GEN}.search.starts' = ntl"),

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from sophon.envelope import (EnvelopeInputError, advantage, best_so_far, cost_ratio, default_target, envelope, holds,
+from sophon.envelope import (EnvelopeInputError, advantage, best_so_far, cost_ratio, covers, default_target, envelope,
+                             head_start, holds, removed,
                              score, slice_table, steps_to_reach)
 
 
@@ -68,13 +69,44 @@ def test_envelope_keep_best_evens_out_a_dip_before_choosing():
     assert kept["std"] == pytest.approx([0, 5, 5, 1])  # seeds hold 90 and 80 at epoch 2, then 91 and 89
 
 
-def test_envelope_never_prefers_nan_and_rejects_ragged_input():
+def test_envelope_never_prefers_nan_and_rejects_ragged_seeds():
     env = envelope({"diverged": [[1.0, float("nan"), float("nan")]], "ok": [[1.0, 0.9, 0.8]]}, False)
     assert env["config"] == ["diverged", "ok", "ok"]
     with pytest.raises(EnvelopeInputError):
-        envelope({"a": [[1, 2, 3]], "b": [[1, 2]]}, True)
+        envelope({"a": [[1, 2, 3], [1, 2]]}, True)  # one configuration's seeds must agree
     with pytest.raises(EnvelopeInputError):
         envelope({}, True)
+
+
+def test_a_configuration_of_a_shorter_horizon_speaks_only_for_its_epochs():
+    env = envelope({"long": [[0, 10, 20, 30, 40]], "short": [[0, 50, 60], [0, 30, 60]]}, True)
+    assert env["config"] == ["long", "short", "short", "long", "long"]
+    assert env["mean"] == [0, 40, 60, 30, 40] and env["std"] == [0, 10, 0, 0, 0]
+
+
+def test_head_start_and_the_share_removed():
+    original, scratch, sophon = _env([10, 60, 90, 95]), _env([10, 30, 70, 94]), _env([10, 35, 90, 94])
+    for e in (original, scratch, sophon):
+        e["std"] = [0.0, 2.0, 2.0, 2.0]
+    head = head_start(original, scratch, True)
+    assert head["per_epoch"] == pytest.approx([0, 30, 20, 1]) and head["value"] == pytest.approx(30)
+    assert head["epoch"] == 1 and head["beyond_spread"] == [1, 2] and head["something_to_protect"]
+    assert removed(original, scratch, sophon, True) == pytest.approx([None, 25 / 30, 0.0, None])
+    # MSE: lower is better for the attacker; the same orientation.
+    mse = head_start(_env([1.0, 0.2]), _env([1.0, 0.6]), False)
+    assert mse["per_epoch"] == pytest.approx([0.0, 0.4]) and mse["something_to_protect"]
+    assert removed(_env([1.0, 0.2]), _env([1.0, 0.6]), _env([1.0, 0.7]), False) == pytest.approx([None, 1.25])
+    within = head_start(_env([10, 31], std=[0, 2]), _env([10, 30], std=[0, 2]), True)
+    assert not within["something_to_protect"] and within["beyond_spread"] == []  # 1 point < the spread of 2.8
+
+
+def test_covers_compares_an_attack_with_the_envelope_within_the_spread():
+    env = {"mean": [10.0, 50.0, 80.0, 90.0], "std": [0.0, 1.0, 1.0, 1.0]}
+    inside = covers(env, [[10, 49, 80], [10, 51, 81]], True)  # shorter attack: judged on its epochs
+    assert inside["covered"] and inside["violations"] == [] and len(inside["excess"]) == 3
+    above = covers(env, [[10, 70, 70], [10, 72, 75]], True)
+    assert not above["covered"] and above["violations"] == [1] and above["max_excess"] == pytest.approx(21)
+    assert above["mean"] == pytest.approx([10, 71, 72.5])  # best checkpoint so far, then the seed mean
 
 
 # --- advantage --------------------------------------------------------------------------------------------------

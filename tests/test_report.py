@@ -64,8 +64,14 @@ def project(tmp_path, monkeypatch):
     exp["attacks"] = {name: {"strategy": s, "optimizer": "momentum", "lr": "auto", "epochs": EPOCHS}
                       for name, s in ATTACKS.items()}
     exp["report"] = {"epochs": [0, 1, 3, 5], "intactness_tolerance": 5.0}
-    exp["search"].update(epochs=EPOCHS, seeds=SEEDS, trials=2, coarse_epochs=2, confirm_top=2)
+    exp["search"].update(epochs=EPOCHS, seeds=SEEDS, trials=2, coarse_epochs=2, candidate_epochs=[1], confirm_top=2)
+    exp["redteam"] = {"starts": ["sophon"], "seeds": SEEDS, "attacks": {"strong": {
+        "strategy": "reinit2+all", "optimizer": "adam", "lr": 0.001, "batch_size": 64, "epochs": EPOCHS, "held_out": True}}}
     Path("params.yaml").write_text(yaml.safe_dump(params))
+    write_json(layout.redteam_result(EXP, "sophon"), {  # far above Sophon's envelope, and above scratch's
+        "start": "sophon", "higher_is_better": True, "attacks": {"strong": {
+            "settings": {"strategy": "reinit2+all"}, "held_out": True, "seeds": SEEDS,
+            "curves": [[10, 60, 70, 75], [10, 62, 72, 77]]}}})
     for attack, starts in BASE.items():
         for start, base in starts.items():
             for seed in SEEDS:
@@ -166,3 +172,15 @@ def test_stage_writes_every_output(project, monkeypatch, capsys):
     assert envelope["checkpoint"] == "best so far" and envelope["last_checkpoint"]["holds"] is True
     assert "Envelope verdict: protection HOLDS" in out and "Table V: optimiser" in md
     assert "judged at each run's last checkpoint instead, it holds too" in md
+    # The head start: original − scratch envelopes (71 − 51 at epoch 1), beyond the spread (√2) at epochs 1–3.
+    head = envelope["head_start"]
+    assert head["per_epoch"] == pytest.approx([0, 20, 20, 15]) and head["beyond_spread"] == [1, 2, 3]
+    assert envelope["something_to_protect"] and envelope["removed"][0] is None
+    assert envelope["removed"][1] == pytest.approx((71 - 21) / (71 - 51))
+    assert envelope["starts"]["sophon"]["tried"] == 2
+    assert "Head start: the original model gives the attacker up to +20 points" in md
+    # The red-team attack beats the envelope (61 vs 21 at epoch 1) and scratch (61 vs 51).
+    strong = envelope["redteam"]["sophon"]["strong"]
+    assert not strong["vs_envelope"]["covered"] and strong["vs_envelope"]["violations"] == [1, 2, 3]
+    assert not strong["vs_scratch"]["covered"]
+    assert "does NOT cover 1 red-team attack(s): strong (Sophon model)" in md

@@ -10,7 +10,8 @@ import torch
 
 from sophon.data import ImageSet
 from sophon.objectives import ClassificationObjective
-from sophon.search import RunCache, Trial, design, grid, lr_values, run_search
+from sophon.search import (RunCache, Trial, cached_finetune, candidates, coarse_search, grid, lr_values, plan,
+                           run_search)
 
 SPACE = {"strategies": ["direct+all", "initFC+all", "lora"], "optimizers": ["adam", "momentum"],
          "lrs": {"adam": {"low": 1e-4, "high": 1e-2, "count": 3}, "momentum": {"low": 1e-3, "high": 1e-1, "count": 3}},
@@ -23,23 +24,84 @@ def test_lr_values_are_log_spaced():
     assert lr_values({"low": 0.5, "high": 0.5, "count": 1}) == [0.5]
 
 
-def test_grid_and_design_are_balanced_stable_and_fair():
+def test_grid_and_plan_give_every_stratum_its_turn():
     full = grid(SPACE, "sophon")
     assert len(full) == 3 * 2 * 3 * 2 * 2 and len(set(full)) == len(full)
     assert {t.strategy for t in grid(SPACE, "scratch")} == {"scratch"} and len(grid(SPACE, "scratch")) == 24
-    assert design(SPACE, "sophon", 0) == full  # 0: the whole grid
+    assert len(grid({**SPACE, "preparations": ["none", "shrink_perturb"]}, "sophon")) == 2 * len(full)
+    assert len(grid({**SPACE, "preparations": ["none", "shrink_perturb"]}, "scratch")) == 24  # none from scratch
+    whole = plan(SPACE, "sophon", 0)  # 0: every grid configuration, fixed in full
+    assert len(whole) == 72 and {Trial(**t) for t in whole} == set(full)
 
-    chosen = design(SPACE, "sophon", 12)
-    pairs = Counter((t.strategy, t.optimizer) for t in chosen)
+    chosen = plan(SPACE, "sophon", 12)
+    pairs = Counter((t["strategy"], t["optimizer"]) for t in chosen)
     assert len(chosen) == 12 and set(pairs.values()) == {2}  # every strategy × optimiser pair twice
-    assert design(SPACE, "original", 12) == chosen  # every pretrained start runs the same configurations
-    assert Counter(t.optimizer for t in design(SPACE, "scratch", 12)) == {"adam": 6, "momentum": 6}
+    assert plan(SPACE, "original", 12) == chosen  # every pretrained start runs the same strata
+    assert Counter(t["optimizer"] for t in plan(SPACE, "scratch", 12)) == {"adam": 6, "momentum": 6}
 
-    # Changing adam's lrs changes only the adam strata.
-    changed = {**SPACE, "lrs": {**SPACE["lrs"], "adam": {"low": 2e-4, "high": 2e-2, "count": 3}}}
-    after = design(changed, "sophon", 12)
-    assert [t for t in after if t.optimizer == "momentum"] == [t for t in chosen if t.optimizer == "momentum"]
-    assert [t for t in after if t.optimizer == "adam"] != [t for t in chosen if t.optimizer == "adam"]
+
+def _fake_run(quality):
+    """A run that reports `quality(trial, epoch)` each epoch and stops when told (no torch): records each run."""
+    calls = []
+
+    def run(trial, epochs, keep_going):
+        curve = [0.0]
+        for epoch in range(1, epochs + 1):
+            curve.append(quality(trial, epoch))
+            if not keep_going(epoch, curve[-1]):
+                break
+        calls.append((trial, len(curve) - 1))
+        return {"curve": curve}
+
+    return run, calls
+
+
+def test_successive_halving_starts_many_and_promotes_the_best():
+    space = {**SPACE, "lrs": {"adam": {"low": 1e-4, "high": 1e-2, "count": 5}, "momentum": {"low": 1e-3, "high": 1e-1, "count": 5}}}
+    cfg = {"space": space, "trials": 40, "coarse_epochs": 9, "coarse_seed": 0,
+           "halving": {"pruner": "successive_halving", "min_epochs": 1, "reduction": 3}}
+    run, calls = _fake_run(lambda t, e: 100 * t.lr * e / (e + 1))
+    records = coarse_search(run, cfg, "sophon", higher=True)
+    assert len(records) == 40 and Counter((r["config"]["strategy"], r["config"]["optimizer"]) for r in records).most_common(1)[0][1] <= 7
+    epochs = Counter(n for _, n in calls)
+    assert epochs[1] > 10 and 0 < epochs[9] < 15  # many stopped after one epoch, a few reached the top rung
+    assert all(r["pruned"] == (len(r["curve"]) - 1 < 9) for r in records)
+    finished = [r for r in records if not r["pruned"]]
+    assert max(r["config"]["lr"] for r in finished) == max(r["config"]["lr"] for r in records)  # the best went on
+    again, _ = _fake_run(lambda t, e: 100 * t.lr * e / (e + 1))
+    assert coarse_search(again, cfg, "sophon", higher=True) == records  # seeded: the same trials, the same cuts
+
+
+def test_candidates_hold_the_best_at_each_epoch_and_by_area():
+    def record(name, curve):
+        return {"name": name, "config": {"name": name}, "curve": curve, "score": sum(curve[1:]) / (len(curve) - 1)}
+
+    fast = record("fast", [10, 80, 82, 83, 83])  # best at epoch 2 (of the runs that got there), flat after
+    slow = record("slow", [10, 70, 81, 99, 100])  # best by area and at the coarse end
+    cut = record("cut", [10, 85])  # pruned after one epoch but the best there
+    cfg = {"coarse_epochs": 4, "candidate_epochs": [1, 2], "confirm_top": 1, "epochs": 50}
+    chosen = {(r["name"], horizon): why for r, horizon, why in candidates([fast, slow, cut], cfg, True)}
+    assert chosen == {("slow", 50): ["area #1"], ("cut", 4): ["epoch 1"], ("fast", 4): ["epoch 2"],
+                      ("slow", 4): ["epoch 4"]}
+    low = {(r["name"], h) for r, h, _ in candidates([record("a", [1, 0.5, 0.2]), record("b", [1, 0.3, 0.6])],
+                                                   {**cfg, "coarse_epochs": 2, "candidate_epochs": [1]}, False)}
+    assert low == {("a", 50), ("b", 2), ("a", 2)}  # MSE: lower wins; b holds 0.3 from epoch 1 on
+
+
+def test_a_pruned_run_is_cached_and_extended_when_promoted(tmp_path):
+    train, test = _toy()
+    objective = ClassificationObjective(device=torch.device("cpu"))
+    cache = RunCache(tmp_path, {"toy": 1})
+    settings = Trial("scratch", "sgd", 0.3, 16).settings(3, 2)
+    args = dict(from_scratch=True, objective=objective, adversary=train, test=test, device=torch.device("cpu"))
+    stopped, cached = cached_finetune(cache, Tiny, settings, 0, keep_going=lambda e, v: e < 1, **args)
+    assert not cached and len(stopped["curve"]) == 2 and not stopped["complete"]
+    seen = []
+    full, cached = cached_finetune(cache, Tiny, settings, 0, keep_going=lambda e, v: seen.append(e) or True, **args)
+    assert not cached and full["complete"] and len(full["curve"]) == 4 and full["curve"][:2] == stopped["curve"]
+    assert seen == [1, 2, 3]  # each epoch seen once: the cached one replayed, the rest computed
+    again, cached = cached_finetune(cache, Tiny, settings, 0, keep_going=lambda e, v: e < 2, **args)
+    assert cached and again["curve"] == full["curve"][:3] and not again["complete"]  # a cut inside the cached part
 
 
 def _toy():
@@ -68,6 +130,7 @@ def test_search_finds_the_planted_best_and_caches_every_run(tmp_path):
     space = {"strategies": ["direct+all"], "optimizers": ["sgd"], "lrs": {"sgd": {"low": 1e-6, "high": 0.3, "count": 2}},
              "batch_sizes": [16], "schedules": ["constant"], "weight_decays": [0.0]}
     cfg = {"space": space, "trials": 0, "coarse_epochs": 3, "coarse_seed": 0, "confirm_top": 1, "epochs": 4,
+           "candidate_epochs": [1], "halving": {"pruner": "successive_halving", "min_epochs": 1, "reduction": 2},
            "seeds": [0, 1], "lora_rank": 2}
     objective = ClassificationObjective(device=torch.device("cpu"))
     cache = RunCache(tmp_path, {"toy": 1})
@@ -75,14 +138,17 @@ def test_search_finds_the_planted_best_and_caches_every_run(tmp_path):
     doc = run_search(Tiny, objective, train, test, cfg, start="scratch", device=torch.device("cpu"), cache=cache,
                      on_run=seen.append)
     best = Trial("scratch", "sgd", 0.3, 16)
-    assert list(doc["confirmed"]) == [best.name]
-    confirmed = doc["confirmed"][best.name]
-    assert confirmed["steps_per_epoch"] == 4 and len(confirmed["curves"]) == 2
+    # The long horizon by area; the coarse horizon as the best at epoch 1 and at the coarse end.
+    assert list(doc["confirmed"]) == [f"{best.name} | 4 ep", f"{best.name} | 3 ep"]
+    assert doc["confirmed"][f"{best.name} | 3 ep"]["chosen_for"] == ["epoch 1", "epoch 3"]
+    confirmed = doc["confirmed"][f"{best.name} | 4 ep"]
+    assert confirmed["steps_per_epoch"] == 4 and len(confirmed["curves"]) == 2 and doc["tried"] == 2
     assert all(len(c) == 5 and c[-1] == 100.0 for c in confirmed["curves"])
     slow = next(r for r in doc["coarse"] if r["config"]["lr"] == 1e-6)
     assert max(slow["curve"]) < 60.0
-    assert [r["phase"] for r in seen] == ["coarse", "coarse", "confirm", "confirm"]
-    assert not any(r["cached"] for r in seen)
+    assert [r["phase"] for r in seen] == ["coarse", "coarse", "confirm", "confirm", "confirm", "confirm"]
+    # Only the coarse-horizon confirmation at the coarse seed is the coarse run itself, from the cache.
+    assert [r["cached"] for r in seen] == [False, False, False, False, True, False]
 
     again = []
     assert run_search(Tiny, objective, train, test, cfg, start="scratch", device=torch.device("cpu"), cache=cache,

@@ -115,8 +115,13 @@ def envelopes(envelope_doc: dict, path, *, ylabel: str, title: str) -> None:
         color = COLORS.get(start)
         ax.plot(epochs, mean, color=color, label=LABELS.get(start, start), lw=1.6)
         ax.fill_between(epochs, mean - std, mean + std, color=ax.lines[-1].get_color(), alpha=0.18, lw=0)
+    for start, attacks in envelope_doc.get("redteam", {}).items():  # the red-team suite, dashed, for comparison
+        for name, attack in attacks.items():
+            mean = attack["vs_envelope"]["mean"]
+            ax.plot(np.arange(len(mean)), mean, ls="--", lw=0.9, alpha=0.8,
+                    label=f"red team: {name} ({LABELS.get(start, start)})")
     ax.set(title=title, xlabel="fine-tuning epoch", ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=6 if envelope_doc.get("redteam") else 8, loc="best")
     _save(fig, path)

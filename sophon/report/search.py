@@ -22,18 +22,23 @@ def _verdict(starts: dict, higher: bool) -> dict:
             "violations": verdict["violations"]}
 
 
-def summarize(docs: dict[str, dict], search: dict) -> dict:
-    """The `envelope` section of summary.json from the search documents of every start (`docs[start]`)."""
+def summarize(docs: dict[str, dict], search: dict, redteam: dict[str, dict] | None = None) -> dict:
+    """The `envelope` section of summary.json from the search documents of every start (`docs[start]`) and the
+    red-team suite's documents (`redteam[start]`, optional)."""
     higher = next(iter(docs.values()))["higher_is_better"]
     space = search["space"]
     starts, last = {}, {}
     for start, doc in docs.items():
         runs = {name: entry["curves"] for name, entry in doc["confirmed"].items()}
         scores = {name: env.score(_seed_mean(curves), higher) for name, curves in runs.items()}
-        best = max(scores, key=scores.get)
+        longest = max(len(curves[0]) for curves in runs.values())
+        best = max((n for n in scores if len(runs[n][0]) == longest), key=scores.get)
         # The verdict's envelope: every run keeps its best checkpoint so far (the attacker's early stopping).
         starts[start] = {**env.envelope(runs, higher, keep_best=True),
-                         "best": best, "coarse_trials": len(doc["coarse"]), "seconds": doc.get("seconds"),
+                         "best": best, "tried": doc.get("tried", len(doc["coarse"])),
+                         "coarse_trials": len(doc["coarse"]), "seconds": doc.get("seconds"),
+                         "confirmed": {n: {"chosen_for": e.get("chosen_for", []), "horizon": len(runs[n][0]) - 1}
+                                       for n, e in doc["confirmed"].items()},
                          "best_config": doc["confirmed"][best]["config"], "best_score": scores[best]}
         last[start] = env.envelope(runs, higher)
     result = {"epochs": search["epochs"], "metric": "restricted accuracy (%)" if higher else "restricted MSE",
@@ -41,8 +46,9 @@ def summarize(docs: dict[str, dict], search: dict) -> dict:
               "space": {"strategies": space["strategies"], "optimizers": space["optimizers"],
                         "lrs": {o: lr_values(space["lrs"][o]) for o in space["optimizers"]},
                         "batch_sizes": space["batch_sizes"], "schedules": space["schedules"],
-                        "weight_decays": space["weight_decays"]},
-              "budget": {k: search[k] for k in ("trials", "coarse_epochs", "coarse_seed", "confirm_top", "seeds")},
+                        "weight_decays": space["weight_decays"], "preparations": space.get("preparations", ["none"])},
+              "budget": {k: search[k] for k in ("trials", "halving", "coarse_epochs", "candidate_epochs", "coarse_seed",
+                                                "confirm_top", "seeds") if k in search},
               "starts": starts}
     if "sophon" in starts and "scratch" in starts:
         result.update(_verdict(starts, higher))
@@ -54,10 +60,46 @@ def summarize(docs: dict[str, dict], search: dict) -> dict:
                     for entry in docs[s]["confirmed"].values()] for s in ("sophon", "scratch")}
         result["cost_target"] = target
         result["cost_ratio"] = env.cost_ratio(runs["sophon"], runs["scratch"], target, higher)
+    if "original" in starts and "scratch" in starts:
+        head = env.head_start(starts["original"], starts["scratch"], higher)
+        result["head_start"] = head
+        result["something_to_protect"] = head["something_to_protect"]
+        if "sophon" in starts:
+            result["removed"] = env.removed(starts["original"], starts["scratch"], starts["sophon"], higher)
+    if redteam:
+        result["redteam"] = {start: {name: {**{k: attack[k] for k in ("settings", "held_out", "seeds")},
+                                            "vs_envelope": env.covers(starts[start], attack["curves"], higher),
+                                            "vs_scratch": env.covers(starts["scratch"], attack["curves"], higher)}
+                                     for name, attack in doc["attacks"].items()}
+                             for start, doc in redteam.items() if start in starts}
     result["slices"] = {axis: env.slice_table([{"start": s, "name": r["name"], "config": r["config"], "curve": r["curve"]}
-                                               for s, d in docs.items() for r in d["coarse"]], axis, higher)
+                                               for s, d in docs.items() for r in d["coarse"] if len(r["curve"]) > 1],
+                                              axis, higher)
                         for axis in SLICES}
     return result
+
+
+def head_start_line(e: dict) -> str:
+    """Whether there was something to protect, in words."""
+    if "head_start" not in e:
+        return "Head start: not measured (the search needs the original and the scratch start)."
+    h, unit = e["head_start"], "points" if e["higher_is_better"] else "MSE"
+    if not h["something_to_protect"]:
+        return (f"Head start: NONE beyond the seeds' spread: under the search, fine-tuning the original (unprotected) "
+                f"model is no better than training from scratch at any epoch (largest difference {h['value']:+.4g} "
+                f"{unit} at epoch {h['epoch']}). This test bed has nothing to protect, so a verdict that the protection "
+                f"holds says nothing about the protection.")
+    epochs = h["beyond_spread"]
+    line = (f"Head start: the original model gives the attacker up to {h['value']:+.4g} {unit} over training from scratch "
+            f"(epoch {h['epoch']}), beyond the seeds' spread at {len(epochs)} epochs ({_epochs(epochs)}): there is "
+            f"something to protect.")
+    removed = e.get("removed")
+    if removed:
+        shown = [x for x in (1, 2, 5, 20, 50) if x < len(removed) and removed[x] is not None]
+        if shown:
+            line += (" Share of it Sophon removes (1 = all, as hard as scratch; 0 = none): "
+                     + ", ".join(f"epoch {x}: {removed[x]:.0%}" for x in shown) + ".")
+    return line
 
 
 def verdict_line(e: dict) -> str:
@@ -76,6 +118,8 @@ def verdict_line(e: dict) -> str:
         line = (f"Envelope verdict: protection does NOT hold against the strongest searched attacker: fine-tuning "
                 f"Sophon beats training from scratch beyond the seeds' spread at epochs {_epochs(e['violations'])} "
                 f"(largest gain {a['value']:+.4g} {unit} at epoch {a['epoch']}). Cost to reach {target}: {ratio}.")
+    if e.get("holds") and e.get("something_to_protect") is False:
+        line += " (The original model has no head start here either: nothing was protected; see the head start.)"
     last = e.get("last_checkpoint")
     if last is not None:
         line += (" Every run keeps its best checkpoint so far; judged at each run's last checkpoint instead, it "
@@ -95,25 +139,39 @@ def _fmt(value: float, higher: bool) -> str:
 def section(e: dict, figure: Path, epochs: list[int]) -> Section:
     """The report section of the attack search."""
     higher = e["higher_is_better"]
-    blocks = [verdict_line(e), f"Spread rule: {e.get('spread_rule', 'n/a')}",
-              f"Every start searched the same space with the same budget: {e['budget']['trials']} configurations "
-              f"× {e['budget']['coarse_epochs']} epochs at seed {e['budget']['coarse_seed']} (a balanced subsample of "
-              f"the grid; from scratch the strategy axis does not apply), then its best {e['budget']['confirm_top']} "
-              f"at seeds {e['budget']['seeds']} for {e['epochs']} epochs. The envelope is, at each epoch, the best "
-              f"confirmed configuration's mean ± std over the seeds of the best checkpoint each run holds by then. Score = area under the curve (mean over epochs 1…E"
-              f"{'' if higher else ', negated MSE'})."]
+    b = e["budget"]
+    halving = b.get("halving", {})
+    blocks = [verdict_line(e), head_start_line(e), f"Spread rule: {e.get('spread_rule', 'n/a')}",
+              f"Every start searched the same space with the same budget: {b['trials']} configurations at seed "
+              f"{b['coarse_seed']} (the strata strategy × optimiser taking turns, the rest sampled by Optuna's TPE; from "
+              f"scratch the strategy and preparation axes do not apply), fine-tuned by successive halving "
+              f"({halving.get('pruner', 'successive_halving')}, rungs from {halving.get('min_epochs', 1)} epoch, "
+              f"reduction {halving.get('reduction', 3)}) up to {b['coarse_epochs']} epochs. Confirmed at seeds "
+              f"{b['seeds']}: the best {b['confirm_top']} by area for {e['epochs']} epochs, and the best at each of epochs "
+              f"{b.get('candidate_epochs', [])} and the coarse end for the coarse horizon. The envelope is, at each epoch, "
+              f"the best confirmed configuration that reaches it: mean ± std over the seeds of the best checkpoint each "
+              f"run holds by then. Score = area under the curve (mean over epochs 1…E{'' if higher else ', negated MSE'})."]
     shown = [x for x in epochs if x <= e["epochs"]]
     rows = []
     for start, s in e["starts"].items():
         cells = [f"{_fmt(s['mean'][x], higher)} ± {_fmt(s['std'][x], higher)}" for x in shown]
-        rows.append([ROW_NAMES.get(start, start), s["best"], _fmt(s["best_score"], True), *cells])
-    blocks.append(Table(["start", "best configuration", "score", *[f"epoch {x}" for x in shown]], rows,
+        rows.append([ROW_NAMES.get(start, start), str(s.get("tried", "?")), s["best"], _fmt(s["best_score"], True), *cells])
+    blocks.append(Table(["start", "tried", "best configuration (long horizon)", "score", *[f"epoch {x}" for x in shown]], rows,
                         f"The envelope per start ({e['metric']}, mean ± std over seeds)."))
     if "advantage" in e:
         gains = e["advantage"]["per_epoch"]
         cells = [f"{gains[x]:+.4g}" for x in shown]
-        blocks.append(Table(["", *[f"epoch {x}" for x in shown]], [["Sophon − scratch (attacker's gain)", *cells]],
-                            "Positive: fine-tuning the Sophon model beats training from scratch."))
+        rows = [["Sophon − scratch (attacker's gain)", *cells]]
+        if "head_start" in e:
+            rows.append(["original − scratch (head start)", *[f"{e['head_start']['per_epoch'][x]:+.4g}" for x in shown]])
+            rows.append(["seeds' spread of the head start", *[f"{e['head_start']['spread'][x]:.3g}" for x in shown]])
+        if e.get("removed"):
+            rows.append(["share of the head start removed",
+                         *["–" if e["removed"][x] is None else f"{e['removed'][x]:.0%}" for x in shown]])
+        blocks.append(Table(["", *[f"epoch {x}" for x in shown]], rows,
+                            "Positive gain: fine-tuning the Sophon model beats training from scratch. Share removed: "
+                            "(original − Sophon) / (original − scratch), '–' where the head start is within the spread."))
+    blocks.extend(_redteam_blocks(e))
     blocks.append(Image(figure, "The attacker's envelope per start"))
     for axis, title in SLICES.items():
         table = e["slices"][axis]
@@ -125,7 +183,39 @@ def section(e: dict, figure: Path, epochs: list[int]) -> Section:
     return Section("The strongest attacker (attack search)", blocks)
 
 
-def build(search: dict, experiment: str, out_dir: Path, epochs: list[int]) -> tuple[dict, Section, Path]:
+def _redteam_blocks(e: dict) -> list:
+    """The red-team suite: per attack, whether the search's envelope covers it and whether it beats scratch."""
+    if not e.get("redteam"):
+        return []
+    higher, unit = e["higher_is_better"], "points" if e["higher_is_better"] else "MSE"
+    rows, uncovered = [], []
+    for start, attacks in e["redteam"].items():
+        for name, a in attacks.items():
+            env_check, scratch_check = a["vs_envelope"], a["vs_scratch"]
+            last = len(env_check["mean"]) - 1
+            if not env_check["covered"]:
+                uncovered.append(f"{name} ({ROW_NAMES.get(start, start)})")
+            rows.append([ROW_NAMES.get(start, start), name, "yes" if a["held_out"] else "no",
+                         f"{_fmt(env_check['mean'][1], higher)} ± {_fmt(env_check['std'][1], higher)}",
+                         f"{_fmt(env_check['mean'][last], higher)} ± {_fmt(env_check['std'][last], higher)}",
+                         "yes" if env_check["covered"] else f"NO: epochs {_epochs(env_check['violations'])}",
+                         f"{env_check['max_excess']:+.4g} (epoch {env_check['epoch']})",
+                         "no" if scratch_check["covered"] else f"YES: epochs {_epochs(scratch_check['violations'])}",
+                         f"{scratch_check['max_excess']:+.4g} (epoch {scratch_check['epoch']})"])
+    words = ("Every red-team attack is covered by the search's envelope." if not uncovered else
+             f"The search's envelope does NOT cover {len(uncovered)} red-team attack(s): {', '.join(uncovered)}: "
+             f"the search missed a stronger attacker, so the envelope verdict is not a worst case.")
+    return [f"Red-team suite: {words}",
+            Table(["start", "attack", "held out", "epoch 1", "last epoch", "covered by the envelope",
+                   f"largest excess over the envelope ({unit})", "beats scratch beyond the spread",
+                   f"largest gain over scratch ({unit})"], rows,
+                  "Each attack at every red-team seed (mean ± std of the best checkpoint so far). Covered: at every "
+                  "epoch within the seeds' spread sqrt(std_env² + std_attack²) of the envelope. Held out: its settings "
+                  "were kept out of every tuning.")]
+
+
+def build(search: dict, experiment: str, out_dir: Path, epochs: list[int],
+          redteam: dict | None = None) -> tuple[dict, Section, Path]:
     """Read every start's search result, summarise it, draw the envelope figure; return (envelope, section, figure).
     The section's table shows the report's epochs plus every 10th up to the long horizon."""
     from sophon import layout
@@ -133,7 +223,9 @@ def build(search: dict, experiment: str, out_dir: Path, epochs: list[int]) -> tu
     from sophon.report.aggregate import read_input
 
     docs = {start: read_input(layout.search_result(experiment, start)) for start in ["scratch", *search["starts"]]}
-    summary = summarize(docs, search)
+    suite = ({start: read_input(layout.redteam_result(experiment, start)) for start in redteam["starts"]}
+             if redteam and redteam.get("attacks") else None)
+    summary = summarize(docs, search, suite)
     figure = Path(out_dir) / "envelope.png"
     figures.envelopes(summary, figure, ylabel=summary["metric"],
                       title=f"Attacker's envelope, {experiment}")

@@ -76,6 +76,11 @@ def search_inputs(wildcards):
     return [*split_inputs(wildcards.experiment, "adversary", "restricted_test"), *model]
 
 
+def redteam_outputs(name):
+    suite = EXPERIMENTS[name]["redteam"]
+    return [str(layout.redteam_result(name, start)) for start in suite["starts"]] if suite["attacks"] else []
+
+
 # --- report --------------------------------------------------------------------------------------------------
 
 def report_outputs(name):
@@ -93,6 +98,7 @@ def report_inputs(name):
         "histories": [str(layout.history(name, m)) for m in task(name).models()],
         "cards": [str(layout.model_dir(name, m) / layout.CARD) for m in task(name).models()],
         "search": search_outputs(name),
+        "redteam": redteam_outputs(name),
         "sweep": [str(layout.sweep_dir(name))] if "sweep" in experiment else [],
         "stability": [str(layout.stability_dir(name))] if "stability" in experiment else [],
     }

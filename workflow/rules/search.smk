@@ -19,3 +19,22 @@ rule search:
     priority: 5  # the longest jobs after protect: start them before the short attack jobs
     shell:
         stage("search", "--start {wildcards.start}")
+
+
+# The red-team suite (stages.redteam): one job per experiment and attacked start.
+rule redteam:
+    input:
+        search_inputs,
+    output:
+        str(layout.redteam_result("{experiment}", "{start}")),
+    params:
+        redteam=lambda w: exp(w)["redteam"],
+    log:
+        str(layout.log("{experiment}", "redteam/{start}")),
+    conda:
+        CONDA_ENV
+    threads: job("redteam", "threads")
+    resources:
+        **resources("redteam"),
+    shell:
+        stage("redteam", "--start {wildcards.start}")
