@@ -51,6 +51,16 @@ def original_model(wildcards):
     return model_inputs(wildcards.experiment, "original")
 
 
+def imported_checkpoint(wildcards):
+    """The model the pretrain stage imports (original.checkpoint: a file or a diffusers folder), if one is set."""
+    path = exp(wildcards)["original"].get("checkpoint")
+    return [path] if path else []
+
+
+def without_checkpoint(section):
+    return {k: v for k, v in section.items() if k != "checkpoint"} if isinstance(section, dict) else section
+
+
 # --- attack, sweep, stability -------------------------------------------------------------------------------
 
 def attack_inputs(wildcards):
