@@ -185,3 +185,55 @@ def test_released_unet_loads_with_from_pretrained(tmp_path):
         assert torch.equal(released(x, t).sample, ours.eval()(x, t).sample)
     assert read_json(release / "sophon.json")["noise_schedule"]["num_train_timesteps"] == 1000
     assert not list(release.parent.glob(".release.*"))  # no temporary folder left behind
+
+
+# --- the stages ----------------------------------------------------------------------------------------------
+
+def test_pretrain_stage_imports_and_protect_releases(tmp_path):
+    """`python -m stages.pretrain` with original.checkpoint set imports the file (no training), writes the card,
+    the history and the release; protect releases the protected model and logs the release with its run; the
+    Snakemake rule takes the checkpoint as an input. About 30 s."""
+    import sqlite3
+
+    import yaml
+
+    from tests.pipeline_helpers import copy_project, run, snakemake_dry_run, tiny_params
+
+    (tmp_path / "project").mkdir()
+    root = copy_project(tmp_path / "project")
+    params = tiny_params(root / "params.yaml")
+    cls = "quick-classification"
+    checkpoint = root / "user" / "model.safetensors"
+    net = timm_file(checkpoint, seed=3)
+    params["experiments"] = {cls: params["experiments"][cls]}
+    params["experiments"][cls]["original"]["checkpoint"] = "user/model.safetensors"
+    params["experiments"][cls]["sophon"].update(loops=1, check_every=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    jobs = {job["rule"]: job for job in snakemake_dry_run(root, "--forceall", "all")}
+    assert "user/model.safetensors" in jobs["pretrain"]["input"]
+    assert f"models/{cls}/original/release" in jobs["pretrain"]["output"]
+    assert f"models/{cls}/sophon/release" in jobs["protect"]["output"]
+    for stage in ("split", "pretrain", "protect"):
+        run(["python", "-m", f"stages.{stage}", "--experiment", cls], root)
+    card = read_json(root / "models" / cls / "original" / "model.json")
+    assert card["source"] == {"kind": "timm-safetensors", "path": "user/model.safetensors",
+                              "sha256": sha256_file(checkpoint)}
+    history = read_json(root / "results" / cls / "training" / "original.json")
+    assert history["imported"] is True and history["train_loss"] == [] and "original_test_accuracy" in history
+    from safetensors.torch import load_file
+
+    original = load_file(str(root / "models" / cls / "original" / "release" / "model.safetensors"))
+    assert same_tensors(original, net.state_dict())
+    assert (root / "models" / cls / "sophon" / "release" / "config.json").exists()
+    with sqlite3.connect(root / "mlflow.db") as db:
+        protect_runs = [row[0] for row in db.execute(
+            "select run_uuid from tags where key = 'sophon.stage' and value = 'protect'")]
+    artifacts = root / "mlartifacts"
+    assert len(protect_runs) == 1 and list(artifacts.rglob(f"{protect_runs[0]}/artifacts/release/model.safetensors"))
+    # A mismatch stops the stage with one line naming the key.
+    params["experiments"][cls]["model"]["num_classes"] = 5
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    failed = run(["python", "-m", "stages.pretrain", "--experiment", cls], root, check=False)
+    assert failed.returncode == 2
+    assert failed.stderr.strip().splitlines()[-1] == (f"error: experiments.{cls}.original.checkpoint: user/model.safetensors "
+                                                      "has 10 classes (fc.weight), model.num_classes is 5")
