@@ -237,3 +237,25 @@ def test_pretrain_stage_imports_and_protect_releases(tmp_path):
     assert failed.returncode == 2
     assert failed.stderr.strip().splitlines()[-1] == (f"error: experiments.{cls}.original.checkpoint: user/model.safetensors "
                                                       "has 10 classes (fc.weight), model.num_classes is 5")
+
+
+def test_snakemake_imports_another_experiments_release_after_making_it(tmp_path):
+    """A checkpoint inside another experiment's release folder (a directory output): the pretrain job depends on
+    that folder, so Snakemake makes it first (a file inside a directory output matches no rule)."""
+    import copy
+
+    import yaml
+
+    from tests.pipeline_helpers import PROJECT, copy_project, snakemake_dry_run
+
+    (tmp_path / "project").mkdir()
+    root = copy_project(tmp_path / "project")
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    mine = copy.deepcopy(params["experiments"]["quick-classification"])
+    mine["original"]["checkpoint"] = "models/quick-classification/original/release/model.safetensors"
+    params["experiments"] = {"quick-classification": params["experiments"]["quick-classification"], "my-resnet": mine}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    jobs = snakemake_dry_run(root, "models/my-resnet/original/model.json")
+    made = {job["output"][0]: job for job in jobs if job["rule"] == "pretrain"}
+    assert "models/quick-classification/original/release" in made["models/my-resnet/original/model.safetensors"]["input"]
+    assert "models/quick-classification/original/model.safetensors" in made
