@@ -105,6 +105,9 @@ def _check_names(config: dict, source: str) -> None:
 
     for experiment, exp in config["experiments"].items():
         at = f"experiments.{experiment}"
+        if exp["restricted"].get("checkpoint") is not None:
+            raise ConfigError(f"{source}: key '{at}.restricted.checkpoint': only the original model can be imported "
+                              f"(set {at}.original.checkpoint)")
         for section in ("original", "restricted"):
             name = exp[section]["domain"]
             if name not in domain_names():

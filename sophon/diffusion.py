@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from sophon.data import ImageSet
 from sophon.errors import ConfigError
+from sophon.io import atomic_dir, read_json, sha256_file, write_json
 from sophon.losses import get_loss
 from sophon.train import shift_images, train_epochs
 
@@ -226,12 +227,79 @@ def save_unet(model, folder: str | Path, spec: UNetSpec, extra: dict | None = No
     save_checkpoint(model, folder, {**spec.card(), **(extra or {})})
 
 
+def unet_config(model) -> dict:
+    """The UNet2DModel's own diffusers config, as JSON (the card keeps it, so an imported UNet of any shape is
+    rebuilt exactly)."""
+    import json
+
+    return json.loads(model.to_json_string())
+
+
+def _rebuild(card: dict):
+    if "diffusers_config" in card:
+        from diffusers import UNet2DModel
+
+        return UNet2DModel.from_config(card["diffusers_config"])
+    return build_unet(card["unet"], card["image_size"], card["in_chans"])
+
+
 def load_unet(folder: str | Path, map_location: str | torch.device = "cpu"):
     """Rebuild the UNet2DModel from its card and load the safetensors weights (no pickle)."""
     from sophon.models import load_checkpoint
 
-    return load_checkpoint(folder, "unet", lambda card: build_unet(card["unet"], card["image_size"], card["in_chans"]),
-                           map_location)
+    return load_checkpoint(folder, "unet", _rebuild, map_location)
+
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def import_unet(folder: str | Path, image_size: int, channels: int, *, key: str = "original.checkpoint"):
+    """A diffusers UNet2DModel from a `save_pretrained` folder (config.json + diffusion_pytorch_model.safetensors;
+    safetensors only, never a pickle), checked against the experiment's image size and channels; every mismatch is
+    a one-line ConfigError naming `key`. Returns the model and its source (kind, path, SHA-256 of the weights)."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_file, weights = folder / "config.json", folder / DIFFUSERS_WEIGHTS
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: {folder} is not a folder (a diffusers UNet saved with save_pretrained)")
+    if not config_file.is_file():
+        raise ConfigError(f"{key}: {folder} holds no config.json (a diffusers UNet saved with save_pretrained)")
+    if not weights.is_file():
+        raise ConfigError(f"{key}: {folder} holds no {DIFFUSERS_WEIGHTS} (only safetensors weights are imported, "
+                          "never pickles)")
+    config = read_json(config_file)
+    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise ConfigError(f"{key}: {folder} holds a {config['_class_name']}, not a UNet2DModel")
+    size = config.get("sample_size")
+    if size is not None and tuple(size if isinstance(size, (list, tuple)) else [size, size]) != (image_size, image_size):
+        raise ConfigError(f"{key}: {folder} has sample_size {size}, data.image_size is {image_size}")
+    for name in ("in_channels", "out_channels"):
+        if config.get(name, 3) != channels:
+            raise ConfigError(f"{key}: {folder} has {name} {config.get(name, 3)}, data.channels is {channels}")
+    try:
+        model = UNet2DModel.from_pretrained(str(folder), use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, TypeError) as exc:
+        raise ConfigError(f"{key}: {folder} cannot be loaded as a UNet2DModel: {str(exc).splitlines()[0]}") from None
+    stored, expected = set(load_file(str(weights))), set(model.state_dict())
+    if stored != expected:  # diffusers initialises missing weights at random and only warns
+        names = sorted(stored ^ expected)
+        raise ConfigError(f"{key}: {folder}'s weights do not fit its config.json ({', '.join(names[:3])}"
+                          f"{f' and {len(names) - 3} more' if len(names) > 3 else ''} differ)")
+    return model, {"kind": "diffusers-folder", "path": str(folder), "sha256": sha256_file(weights)}
+
+
+def release_unet(model, folder: str | Path, card: dict) -> None:
+    """Write `folder` (atomically, as a whole) with diffusers' `save_pretrained` (safetensors), so that
+    `UNet2DModel.from_pretrained(folder)` loads it, plus `sophon.json`: the noise schedule and the image scaling
+    it was trained with, and where it came from."""
+    import copy
+
+    with atomic_dir(folder) as tmp:
+        copy.deepcopy(model).cpu().save_pretrained(str(tmp), safe_serialization=True)
+        write_json(tmp / "sophon.json", {k: card[k] for k in ("experiment", "stage", "domains", "config_hash",
+                                                              "normalization", "noise_schedule", "source") if k in card})
 
 
 def timesteps_like(n: int, t: int) -> torch.Tensor:

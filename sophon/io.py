@@ -43,6 +43,31 @@ def atomic_path(path: str | os.PathLike):
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temporary folder beside `path`; if the block succeeds, it replaces `path` (an older folder there is
+    moved aside first and removed after), so readers see the old folder or the complete new one, never a part."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    old = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.old"
+    try:
+        yield tmp
+        for item in tmp.rglob("*"):
+            if item.is_file():
+                with open(item, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

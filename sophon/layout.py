@@ -33,6 +33,11 @@ def model_files(experiment: str, name: str) -> list[Path]:
     return [model_dir(experiment, name) / WEIGHTS, model_dir(experiment, name) / CARD]
 
 
+def release_dir(experiment: str, name: str) -> Path:
+    """A model in its ecosystem's format (timm's Hugging Face layout or a diffusers save_pretrained folder)."""
+    return model_dir(experiment, name) / "release"
+
+
 def results(experiment: str) -> Path:
     return Path("results") / experiment
 

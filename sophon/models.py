@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from sophon import __version__
-from sophon.errors import CheckpointError, UnknownNameError, unknown
-from sophon.io import atomic_path, read_json, sha256_file, write_json
+from sophon.errors import CheckpointError, ConfigError, UnknownNameError, unknown
+from sophon.io import atomic_dir, atomic_path, read_json, sha256_file, write_json
 
 # Quick-profile inputs are scaled to [-1, 1]; the card records it so every loader agrees.
 DEFAULT_NORMALIZATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
@@ -75,6 +75,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.net = backbone
         channels = getattr(backbone, "in_chans", None) or len(normalization["mean"])
+        self.normalization = {"mean": list(normalization["mean"]), "std": list(normalization["std"])}
         mean = torch.tensor(normalization["mean"][:channels]).view(1, -1, 1, 1)
         std = torch.tensor(normalization["std"][:channels]).view(1, -1, 1, 1)
         self.register_buffer("mean", mean, persistent=False)
@@ -190,3 +191,89 @@ def load_classifier(folder: str | Path, map_location: str | torch.device = "cpu"
     """Rebuild a classifier from its card and load its safetensors weights."""
     return load_checkpoint(folder, "classifier", lambda card: build_classifier(
         card["architecture"], card["num_classes"], card["in_chans"], card["normalization"]), map_location)
+
+
+# --- import and release in timm's own format ------------------------------------------------------------------
+
+def _net_state(model: Classifier) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
+
+
+def import_timm(path: str | Path, arch: str, num_classes: int, in_chans: int, *,
+                key: str = "original.checkpoint") -> tuple[Classifier, dict]:
+    """A Classifier holding the weights of a timm model's own state dict (`.safetensors`, the keys of
+    `timm.create_model(arch)`), checked against the experiment's architecture, classes and channels; every
+    mismatch is a one-line ConfigError naming `key`. The input normalisation comes from a timm `config.json`
+    beside the file (`pretrained_cfg.mean/std`, as `release_classifier` writes it), else the project's default.
+    Returns the model and its source (kind, path, SHA-256 of the file)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"{key}: {path} is not a .safetensors file (only safetensors weights are imported, never pickles)")
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path}: file not found")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: {path} cannot be read as safetensors: {exc}") from None
+    normalization = DEFAULT_NORMALIZATION
+    config_file = path.parent / "config.json"
+    if config_file.is_file():
+        cfg = read_json(config_file).get("pretrained_cfg", {})
+        if cfg.get("mean") and cfg.get("std"):
+            normalization = {"mean": list(cfg["mean"]), "std": list(cfg["std"])}
+    model = build_classifier(arch, num_classes, in_chans, normalization)
+    expected = model.net.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        def some(names):
+            return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+        found = "; ".join(part for part in (missing and f"missing {some(missing)}",
+                                            unexpected and f"unexpected {some(unexpected)}") if part)
+        raise ConfigError(f"{key}: {path} is not a state dict of model.arch = {arch} ({found})")
+    head = sorted(name.removeprefix("net.") for name in head_parameter_names(model) if name.endswith("weight"))
+    for name in head:
+        if name in state and state[name].shape[0] != expected[name].shape[0]:
+            raise ConfigError(f"{key}: {path} has {state[name].shape[0]} classes ({name}), "
+                              f"model.num_classes is {num_classes}")
+    for name, tensor in expected.items():
+        got = tuple(state[name].shape)
+        if got != tuple(tensor.shape):
+            if tensor.ndim == 4 and tensor.shape[1] == in_chans and len(got) == 4 and got[1] != in_chans:
+                why = f"it takes {got[1]} input channels, data.channels is {in_chans}"
+            else:
+                why = f"model.arch = {arch} expects {tuple(tensor.shape)}"
+            raise ConfigError(f"{key}: {path} holds {name} of shape {got}; {why}")
+    model.net.load_state_dict(state, strict=True)
+    return model, {"kind": "timm-safetensors", "path": str(path), "sha256": sha256_file(path)}
+
+
+def release_classifier(model: Classifier, folder: str | Path, card: dict) -> None:
+    """Write `folder` (atomically, as a whole) in timm's Hugging Face layout: `model.safetensors` (the timm net's
+    own state dict) and `config.json` (architecture, num_classes, model_args and a pretrained_cfg with the input
+    normalisation, which lives outside timm's net), so that `timm.create_model("local-dir:<folder>", pretrained=True)`
+    loads it. A net that is not a timm model (paper_vgg) gets the same files; only this project rebuilds it."""
+    from safetensors.torch import save_file
+
+    net = model.net
+    with atomic_dir(folder) as tmp:
+        save_file(_net_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        data_config = {"mean": tuple(model.normalization["mean"]), "std": tuple(model.normalization["std"]),
+                       "input_size": tuple(card["input_size"]), "crop_pct": 1.0, "interpolation": "bilinear"}
+        if hasattr(net, "pretrained_cfg"):
+            from timm.models._hub import save_config_for_hf
+
+            save_config_for_hf(net, str(tmp / "config.json"), data_config=data_config)
+            config = read_json(tmp / "config.json")
+            for stale in ("tag", "license", "hf_hub_id", "url", "paper_ids", "paper_name", "notes", "origin_url"):
+                config["pretrained_cfg"].pop(stale, None)  # they describe timm's own pretrained weights
+        else:
+            config = {"architecture": card["architecture"], "num_classes": card["num_classes"],
+                      "pretrained_cfg": {**data_config, "num_classes": card["num_classes"]},
+                      "note": "not a timm architecture: load with sophon.models (build_classifier)"}
+        config["sophon"] = {k: card[k] for k in ("experiment", "stage", "domains", "config_hash", "source")
+                             if k in card}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -22,8 +22,12 @@ class Task:
     metric: str  # the restricted-domain curve's key in result files
     build: Callable[[dict], torch.nn.Module]  # a randomly initialised model of the experiment
     load: Callable[[Path, torch.device], tuple[torch.nn.Module, dict]]
-    card: Callable[[dict], dict]  # architecture part of the checkpoint card
+    card: Callable[[dict, torch.nn.Module], dict]  # architecture part of the checkpoint card
     objective: Callable[..., object]  # (experiment, device, suppression=None) -> sophon.objectives.Objective
+    # (experiment, path) -> (model, source): a user's model in the ecosystem's format (original.checkpoint)
+    import_model: Callable[[dict, Path], tuple[torch.nn.Module, dict]]
+    # (model, folder, card): the model in the ecosystem's format (timm / diffusers), beside the project's checkpoint
+    release_model: Callable[[torch.nn.Module, Path, dict], None]
 
     def save(self, model, experiment: dict, name: str, stage: str, extra: dict | None = None) -> None:
         """Checkpoint `model` as models/<experiment>/<name> with its card (architecture, domains, config hash)."""
@@ -32,10 +36,22 @@ class Task:
 
         keys = ("data", "original", "restricted", "model", "unet", "augment", "pretrain", stage)
         save_checkpoint(model.cpu(), layout.model_dir(experiment["name"], name), {
-            **self.card(experiment), "task": self.name, "experiment": experiment["name"],
+            **self.card(experiment, model), "task": self.name, "experiment": experiment["name"],
             "domains": {"original": experiment["original"]["domain"], "restricted": experiment["restricted"]["domain"]},
             "stage": stage, "config_hash": config_hash({k: experiment[k] for k in keys if k in experiment}),
             **(extra or {})})
+
+    def release(self, model, experiment: dict, name: str) -> None:
+        """models/<experiment>/<name>/release: the saved model `name` (its card written) in the ecosystem's format."""
+        from sophon import layout
+        from sophon.models import read_card
+
+        folder = layout.model_dir(experiment["name"], name)
+        self.release_model(model.cpu(), layout.release_dir(experiment["name"], name), read_card(folder))
+
+    def imported(self, experiment: dict) -> tuple[torch.nn.Module, dict]:
+        """The experiment's `original.checkpoint`, checked against its configuration."""
+        return self.import_model(experiment, Path(experiment["original"]["checkpoint"]))
 
     def models(self) -> tuple[str, ...]:
         """The trained models: every start but scratch."""
@@ -51,14 +67,27 @@ def _build_classifier(experiment: dict):
     return build_classifier(model["arch"], model["num_classes"], experiment["data"]["channels"])
 
 
-def _classifier_card(experiment: dict) -> dict:
+def _classifier_card(experiment: dict, model=None) -> dict:
     from sophon.models import DEFAULT_NORMALIZATION
 
     data = experiment["data"]
     return {"kind": "classifier", "architecture": experiment["model"]["arch"],
             "num_classes": experiment["model"]["num_classes"], "in_chans": data["channels"],
             "input_size": [data["channels"], data["image_size"], data["image_size"]],
-            "normalization": DEFAULT_NORMALIZATION}
+            "normalization": getattr(model, "normalization", None) or DEFAULT_NORMALIZATION}
+
+
+def _import_classifier(experiment: dict, path: Path):
+    from sophon.models import import_timm
+
+    return import_timm(path, experiment["model"]["arch"], experiment["model"]["num_classes"],
+                       experiment["data"]["channels"], key=f"experiments.{experiment['name']}.original.checkpoint")
+
+
+def _release_classifier(model, folder: Path, card: dict) -> None:
+    from sophon.models import release_classifier
+
+    release_classifier(model, folder, card)
 
 
 def _classification_objective(experiment: dict, device, suppression: str | None = None):
@@ -81,10 +110,24 @@ def _build_unet(experiment: dict):
     return build_unet(experiment["unet"], experiment["data"]["image_size"], experiment["data"]["channels"])
 
 
-def _unet_card(experiment: dict) -> dict:
-    from sophon.diffusion import UNetSpec
+def _unet_card(experiment: dict, model=None) -> dict:
+    from sophon.diffusion import UNetSpec, unet_config
 
-    return UNetSpec(experiment["data"]["image_size"], experiment["data"]["channels"], dict(experiment["unet"])).card()
+    card = UNetSpec(experiment["data"]["image_size"], experiment["data"]["channels"], dict(experiment["unet"])).card()
+    return {**card, "diffusers_config": unet_config(model)} if model is not None else card
+
+
+def _import_unet(experiment: dict, path: Path):
+    from sophon.diffusion import import_unet
+
+    return import_unet(path, experiment["data"]["image_size"], experiment["data"]["channels"],
+                       key=f"experiments.{experiment['name']}.original.checkpoint")
+
+
+def _release_unet(model, folder: Path, card: dict) -> None:
+    from sophon.diffusion import release_unet
+
+    release_unet(model, folder, card)
 
 
 def _diffusion_objective(experiment: dict, device, suppression: str | None = None):
@@ -104,9 +147,10 @@ def _load_unet(folder, device):
 
 TASKS = {
     "classification": Task("classification", ("scratch", "original", "ntl", "sophon"), "restricted_accuracy",
-                           _build_classifier, _load_classifier, _classifier_card, _classification_objective),
+                           _build_classifier, _load_classifier, _classifier_card, _classification_objective,
+                           _import_classifier, _release_classifier),
     "diffusion": Task("diffusion", ("scratch", "original", "sophon"), "restricted_mse",
-                      _build_unet, _load_unet, _unet_card, _diffusion_objective),
+                      _build_unet, _load_unet, _unet_card, _diffusion_objective, _import_unet, _release_unet),
 }
 
 

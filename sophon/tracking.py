@@ -133,6 +133,10 @@ class StageRun:
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         self._mlflow.log_artifact(str(path), artifact_path=folder)
 
+    def log_artifacts(self, folder: str | Path, name: str | None = None) -> None:
+        """Every file of `folder`, under the run's artifact folder `name`."""
+        self._mlflow.log_artifacts(str(folder), artifact_path=name)
+
     def set_tag(self, key: str, value) -> None:
         self._mlflow.set_tag(key, str(value))
 

@@ -1,6 +1,8 @@
 """Stage `protect`: Sophon (paper Algorithm 1) for either task: fine-tuning suppression after simulated
 fine-tuning on the defender's half (ICE/KLU for a classifier, DoS for a diffusion UNet), alternated with normal
-training reinforcement on the original domain (sophon.protect, one loop for both).
+training reinforcement on the original domain (sophon.protect, one loop for both). The protected model is saved as
+the project's checkpoint and released in its ecosystem's format (models/<experiment>/sophon/release: timm or
+diffusers), which MLflow keeps with the run that registers it.
 
     python -m stages.protect --experiment quick-classification
 """
@@ -63,6 +65,10 @@ def main() -> None:
                                                    "selected_loop": history.selected_loop,
                                                    "protect_settings": dataclasses.asdict(settings)})
         tracked.log_artifact(layout.model_dir(name, "sophon") / layout.CARD)
+        # The same weights in timm's / diffusers' own format (models/<experiment>/sophon/release), kept with the run
+        # that registers the model.
+        task.release(model, exp, "sophon")
+        tracked.log_artifacts(layout.release_dir(name, "sophon"), "release")
         # The released model in MLflow's registry: a new version of `sophon-<experiment>` per protect run.
         version = tracked.log_checkpoint(layout.model_dir(name, "sophon"), f"sophon-{name}")
         tracked.set_tag("sophon.registered_version", version)

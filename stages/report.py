@@ -43,6 +43,12 @@ def write_common(exp: dict, summary: dict, document, images: dict, csvs: dict[st
     loop = card.get("selected_loop")
     document.sections[0].blocks.insert(1, f"Sophon variant: {summary['sophon_variant']['name']}"
                                           + (f" (released weights of loop {loop})." if loop is not None else "."))
+    # An imported original model (original.checkpoint) is named with the hash of the weights that were read.
+    source = read_card(layout.model_dir(exp["name"], "original")).get("source")
+    if source:
+        summary["original_source"] = source
+        document.sections[0].blocks.insert(1, f"Original model imported ({source['kind']}) from {source['path']}, "
+                                              f"SHA-256 {source['sha256']}.")
     write_json(out / "summary.json", summary)
     for name, text in csvs.items():
         write_text(out / "curves" / f"{name}.csv", text)

@@ -51,6 +51,25 @@ def original_model(wildcards):
     return model_inputs(wildcards.experiment, "original")
 
 
+def imported_checkpoint(wildcards):
+    """The model the pretrain stage imports (original.checkpoint: a file or a diffusers folder), if one is set."""
+    path = exp(wildcards)["original"].get("checkpoint")
+    if not path:
+        return []
+    # A model another experiment of this config released: the job depends on that release folder (a directory
+    # output), so Snakemake makes it first.
+    for name in EXPERIMENTS:
+        for model in ("original", "sophon"):
+            folder = str(layout.release_dir(name, model))
+            if os.path.normpath(path).startswith(folder + os.sep):
+                return [folder]
+    return [path]
+
+
+def without_checkpoint(section):
+    return {k: v for k, v in section.items() if k != "checkpoint"} if isinstance(section, dict) else section
+
+
 # --- attack, sweep, stability -------------------------------------------------------------------------------
 
 def attack_inputs(wildcards):

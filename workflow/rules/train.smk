@@ -6,7 +6,8 @@ rule split:
         [str(layout.split_part("{experiment}", part)) for part in layout.SPLIT_PARTS],
         str(layout.split_manifest("{experiment}")),
     params:
-        data=lambda w: {k: exp(w)[k] for k in ("data", "original", "restricted", "split")},
+        # original.checkpoint only concerns pretrain: a new one does not redo the split
+        data=lambda w: {k: without_checkpoint(exp(w)[k]) for k in ("data", "original", "restricted", "split")},
     log:
         str(layout.log("{experiment}", "split")),
     conda:
@@ -21,11 +22,14 @@ rule split:
 rule pretrain:
     input:
         parts_of("original_train", "original_val", "original_test", "restricted_test"),
+        imported_checkpoint,
     output:
         model_inputs("{experiment}", "original"),
         str(layout.history("{experiment}", "original")),
+        directory(str(layout.release_dir("{experiment}", "original"))),
     params:
         model=lambda w: {k: exp(w).get(k) for k in ("model", "unet", "augment", "eval", "pretrain")},
+        checkpoint=lambda w: exp(w)["original"].get("checkpoint"),
     log:
         str(layout.log("{experiment}", "pretrain")),
     conda:
@@ -65,6 +69,7 @@ rule protect:
     output:
         model_inputs("{experiment}", "sophon"),
         str(layout.history("{experiment}", "sophon")),
+        directory(str(layout.release_dir("{experiment}", "sophon"))),
     params:
         sophon=lambda w: exp(w)["sophon"],
     log:
