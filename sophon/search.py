@@ -248,6 +248,18 @@ def _sample(trial, fixed: dict, space: dict, start: str) -> Trial:
                  preparation=trial.suggest_categorical("preparation", _preparations(space, start)))
 
 
+ATTEMPTS = 20  # proposals per planned trial before its stratum counts as spent
+
+
+def _tell(study, handle, record: dict) -> None:
+    import optuna
+
+    if record["pruned"]:
+        study.tell(handle, state=optuna.trial.TrialState.PRUNED)
+    else:
+        study.tell(handle, record["score"] if math.isfinite(record["score"]) else -1e9)
+
+
 def coarse_search(run: Callable, cfg: dict, start: str, higher: bool) -> list[dict]:
     """Step 1: `run(trial, epochs, keep_going) -> record` for every planned trial under the pruner. Returns the
     coarse records (name, config, curve up to where the run stopped, score, pruned)."""
@@ -258,10 +270,19 @@ def coarse_search(run: Callable, cfg: dict, start: str, higher: bool) -> list[di
 
     study = optuna.create_study(direction="maximize", pruner=_pruner(halving, epochs),
                                 sampler=optuna.samplers.TPESampler(seed=cfg["coarse_seed"]))
-    records = []
-    for fixed in plan(cfg["space"], start, cfg["trials"]):
-        handle = study.ask()
-        config = _sample(handle, fixed, cfg["space"], start)
+    records, seen = [], {}
+    planned = plan(cfg["space"], start, cfg["trials"])
+    # The sampler may propose a configuration again: it is told the earlier result and asked anew (within a cap), so
+    # `trials` distinct configurations are tried.
+    for fixed in planned:
+        for _ in range(ATTEMPTS):
+            handle = study.ask()
+            config = _sample(handle, fixed, cfg["space"], start)
+            if config.name not in seen:
+                break
+            _tell(study, handle, seen[config.name])
+        else:
+            continue  # this stratum's sampled values are spent
         held = [-math.inf]  # the best quality the run holds so far (its best checkpoint), oriented
 
         def keep_going(epoch: int, value: float, handle=handle, held=held) -> bool:
@@ -269,16 +290,12 @@ def coarse_search(run: Callable, cfg: dict, start: str, higher: bool) -> list[di
             handle.report(held[0] if math.isfinite(held[0]) else -1e9, epoch)
             return not handle.should_prune()
 
-        record = run(config, epochs, keep_going)
-        curve = record["curve"]
-        pruned = len(curve) - 1 < epochs
-        value = score(curve, higher) if len(curve) > 1 else -math.inf
-        if pruned:
-            study.tell(handle, state=optuna.trial.TrialState.PRUNED)
-        else:
-            study.tell(handle, value if math.isfinite(value) else -1e9)
-        records.append({"name": config.name, "config": asdict(config), "curve": curve, "score": value,
-                        "pruned": pruned})
+        curve = run(config, epochs, keep_going)["curve"]
+        record = {"name": config.name, "config": asdict(config), "curve": curve,
+                  "score": score(curve, higher) if len(curve) > 1 else -math.inf, "pruned": len(curve) - 1 < epochs}
+        _tell(study, handle, record)
+        seen[config.name] = record
+        records.append(record)
     return records
 
 

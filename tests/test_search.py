@@ -68,8 +68,19 @@ def test_successive_halving_starts_many_and_promotes_the_best():
     assert all(r["pruned"] == (len(r["curve"]) - 1 < 9) for r in records)
     finished = [r for r in records if not r["pruned"]]
     assert max(r["config"]["lr"] for r in finished) == max(r["config"]["lr"] for r in records)  # the best went on
+    assert len({r["name"] for r in records}) == 40  # a configuration proposed again is not run again
     again, _ = _fake_run(lambda t, e: 100 * t.lr * e / (e + 1))
     assert coarse_search(again, cfg, "sophon", higher=True) == records  # seeded: the same trials, the same cuts
+
+
+def test_a_stratum_whose_values_are_spent_gives_no_repeats():
+    space = {"strategies": ["direct+all", "lora"], "optimizers": ["adam"], "lrs": {"adam": {"low": 1e-3, "high": 1e-2, "count": 2}},
+             "batch_sizes": [8], "schedules": ["constant"], "weight_decays": [0.0]}
+    cfg = {"space": space, "trials": 3, "coarse_epochs": 1, "coarse_seed": 0,
+           "halving": {"pruner": "successive_halving", "min_epochs": 1, "reduction": 3}}
+    run, calls = _fake_run(lambda t, e: t.lr)
+    records = coarse_search(run, cfg, "sophon", higher=True)
+    assert len(records) == len({r["name"] for r in records}) == len(calls) == 3
 
 
 def test_candidates_hold_the_best_at_each_epoch_and_by_area():
