@@ -4,11 +4,11 @@
 rule search:
     input:
         search_inputs,
+        state=dvc_state("search", lambda w: {
+            "search": exp(w)["search"],
+            "model": (exp(w).get("model") or exp(w).get("unet")) if w.start == "scratch" else None}),
     output:
         str(layout.search_result("{experiment}", "{start}")),
-    params:
-        search=lambda w: exp(w)["search"],
-        model=lambda w: (exp(w).get("model") or exp(w).get("unet")) if w.start == "scratch" else None,
     log:
         str(layout.log("{experiment}", "search/{start}")),
     conda:

@@ -2,11 +2,11 @@
 
 
 rule split:
+    input:
+        state=dvc_state("split", lambda w: {k: exp(w)[k] for k in ("data", "original", "restricted", "split")}),
     output:
         [str(layout.split_part("{experiment}", part)) for part in layout.SPLIT_PARTS],
         str(layout.split_manifest("{experiment}")),
-    params:
-        data=lambda w: {k: exp(w)[k] for k in ("data", "original", "restricted", "split")},
     log:
         str(layout.log("{experiment}", "split")),
     conda:
@@ -21,11 +21,10 @@ rule split:
 rule pretrain:
     input:
         parts_of("original_train", "original_val", "original_test", "restricted_test"),
+        state=dvc_state("pretrain", lambda w: {k: exp(w).get(k) for k in ("model", "unet", "augment", "eval", "pretrain")}),
     output:
         model_inputs("{experiment}", "original"),
         str(layout.history("{experiment}", "original")),
-    params:
-        model=lambda w: {k: exp(w).get(k) for k in ("model", "unet", "augment", "eval", "pretrain")},
     log:
         str(layout.log("{experiment}", "pretrain")),
     conda:
@@ -42,11 +41,10 @@ rule ntl:
     input:
         parts_of("original_train", "original_test", "defender", "restricted_test"),
         original_model,
+        state=dvc_state("ntl", lambda w: exp(w)["ntl"]),
     output:
         model_inputs("{experiment}", "ntl"),
         str(layout.history("{experiment}", "ntl")),
-    params:
-        ntl=lambda w: exp(w)["ntl"],
     log:
         str(layout.log("{experiment}", "ntl")),
     conda:
@@ -62,11 +60,10 @@ rule protect:
     input:
         parts_of("original_train", "original_val", "original_test", "defender", "restricted_test"),
         original_model,
+        state=dvc_state("protect", lambda w: exp(w)["sophon"]),
     output:
         model_inputs("{experiment}", "sophon"),
         str(layout.history("{experiment}", "sophon")),
-    params:
-        sophon=lambda w: exp(w)["sophon"],
     log:
         str(layout.log("{experiment}", "protect")),
     conda:
