@@ -5,7 +5,8 @@
 #   the job reads (what `params:` would hold). At parse time the stamp is dated 1970 when dvc.lock holds the stage
 #   with today's params values and code, and "now" when it does not (a params.yaml edit, a code edit, a stage DVC
 #   never saw), so Snakemake reruns exactly what `dvc status` lists, and after a `dvc repro` it has nothing to do.
-#   A changed content (a second edit) re-dates it.
+#   Its content says which, and since when (Snakemake does not rerun for a newer input whose checksum it recorded
+#   as unchanged); a second edit while out of date re-dates it.
 # * After a successful Snakemake run (onsuccess, in the main process once every job has finished; never inside a
 #   job), `dvc commit` records the jobs' stages in dvc.lock, and the outputs' modification times, which DVC's commit
 #   rewrites when it copies files into its cache, are put back: `dvc status` is clean and Snakemake stays up to date.
@@ -14,6 +15,7 @@
 import json as _json
 from snakemake.logging import logger as _logger
 import hashlib as _hashlib
+import time as _time
 import subprocess as _subprocess
 from pathlib import Path as _Path
 
@@ -103,26 +105,36 @@ def dvc_state(rule, values=lambda wildcards: None):
         path = STATE_DIR / stage
         if workflow.is_main_process and path not in _CACHE:
             _CACHE[path] = True
-            _date_stamp(path, dvcfile, stage, _json.dumps(values(wildcards), sort_keys=True, default=str))
+            _date_stamp(path, dvcfile, stage, _json.loads(_json.dumps(values(wildcards), default=str)))
         return str(path)
 
     return stamp
 
 
-def _date_stamp(path, dvcfile, stage, content):
-    old = path.read_text() if path.exists() else None
-    if SYNC_DVC and _in_sync(dvcfile, stage):
-        if old != content:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
+def _write(path, doc):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(_json.dumps(doc, sort_keys=True, indent=1))
+    tmp.replace(path)
+
+
+def _date_stamp(path, dvcfile, stage, values):
+    # The content changes with the date: Snakemake takes a newer input whose checksum it recorded as unchanged.
+    try:
+        old = _json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if not SYNC_DVC:  # re-dated when the values change
+        if old != {"values": values}:
+            _write(path, {"values": values})
+    elif _in_sync(dvcfile, stage):
+        if old != {"values": values, "dvc.lock": "in sync"}:
+            _write(path, {"values": values, "dvc.lock": "in sync"})
         if path.stat().st_mtime != 0:
             os.utime(path, (0, 0))
-    elif old != content or (SYNC_DVC and path.stat().st_mtime == 0):  # newly out of date: from now on
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(content)
-        tmp.replace(path)
-    # else: out of date since an earlier invocation (or, without DVC, unchanged): outputs made since stay valid
+    elif not (old and old.get("values") == values and old.get("dvc.lock", "").startswith("out of date")):
+        _write(path, {"values": values, "dvc.lock": f"out of date since {_time.time()}"})
+    # else: out of date since an earlier invocation; outputs made since then stay valid
 
 
 def _walk(path):
