@@ -14,6 +14,7 @@
 # and nothing is committed.
 import json as _json
 from snakemake.logging import logger as _logger
+import functools as _functools
 import hashlib as _hashlib
 import time as _time
 import subprocess as _subprocess
@@ -67,6 +68,7 @@ def _lookup(doc, key):
 _MISSING = object()
 
 
+@_functools.lru_cache(maxsize=None)
 def _md5(path):
     """DVC's hash of a file (md5 of its bytes) or folder (md5 of its sorted listing, '.dir')."""
     path = _Path(path)
