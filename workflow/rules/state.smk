@@ -27,19 +27,19 @@ DVC_FILES = {"dvc.yaml": "dvc.lock", "workflow/ablation/dvc.yaml": "workflow/abl
 SYNC_DVC = PARAMS_FILE == "params.yaml" and _Path(".dvc").is_dir()
 
 
-def dvc_stage(rule, wildcards):
+def dvc_stage(rule_name, wildcards):
     """The DVC stage (its dvc.yaml and name) a Snakemake job runs, or None (the target rules)."""
     name = wildcards.get("experiment")
-    if rule in ("split", "pretrain", "ntl", "protect", "sweep", "stability"):
-        return "dvc.yaml", f"{rule}-{name}"
-    if rule in ("attack", "search"):
+    if rule_name in ("split", "pretrain", "ntl", "protect", "sweep", "stability"):
+        return "dvc.yaml", f"{rule_name}-{name}"
+    if rule_name in ("attack", "search"):
         start = wildcards["start"]
-        return "dvc.yaml", f"{rule}_scratch-{name}" if start == "scratch" else f"{rule}-{name}@{start}"
-    if rule.startswith("report_"):
-        return "dvc.yaml", f"report-{rule[len('report_'):]}"
-    if rule == "ablation_variant":
+        return "dvc.yaml", f"{rule_name}_scratch-{name}" if start == "scratch" else f"{rule_name}-{name}@{start}"
+    if rule_name.startswith("report_"):
+        return "dvc.yaml", f"report-{rule_name[len('report_'):]}"
+    if rule_name == "ablation_variant":
         return "workflow/ablation/dvc.yaml", f"ablation-{name}@{wildcards['variant']}"
-    if rule == "ablation_table":
+    if rule_name == "ablation_table":
         return "workflow/ablation/dvc.yaml", f"ablation_table-{name}"
     return None
 
@@ -95,12 +95,12 @@ def _in_sync(dvcfile, stage):
                if dep["path"].startswith(CODE_DIRS))
 
 
-def dvc_state(rule, values=lambda wildcards: None):
+def dvc_state(rule_name, values=lambda wildcards: None):
     """An input function: the job's stage stamp holding `values` (the config values the job reads), dated as the
     comment at the top says. Only the main process writes it."""
 
     def stamp(wildcards):
-        found = dvc_stage(rule, dict(wildcards.items()))
+        found = dvc_stage(rule_name, dict(wildcards.items()))
         if found is None:
             return []
         dvcfile, stage = found
