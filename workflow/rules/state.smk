@@ -12,13 +12,14 @@
 #   rewrites when it copies files into its cache, are put back: `dvc status` is clean and Snakemake stays up to date.
 # With a --configfile other than params.yaml (which DVC does not read) a stamp is re-dated when its content changes
 # and nothing is committed.
-import json as _json
-from snakemake.logging import logger as _logger
 import functools as _functools
 import hashlib as _hashlib
-import time as _time
+import json as _json
 import subprocess as _subprocess
+import time as _time
 from pathlib import Path as _Path
+
+from snakemake.logging import logger as _logger
 
 STATE_DIR = _Path(".snakemake/dvc-state")
 CODE_DIRS = ("sophon/", "stages/")
