@@ -23,6 +23,7 @@ os.environ.setdefault("SOPHON_INVOCATION", uuid.uuid4().hex[:12])
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/state.smk"
 
 
 wildcard_constraints:
@@ -49,3 +50,8 @@ onstart:
 
     for name in EXPERIMENTS:  # once, before parallel jobs race to create the SQLite store
         init_store(name)
+
+
+onsuccess:
+    # After every job has finished, in this process (never inside a job): dvc.lock records what ran.
+    commit_to_dvc(workflow.dag.jobs)

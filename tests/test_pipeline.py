@@ -1,5 +1,6 @@
-"""The whole DAG, shrunk: Snakemake end to end in a temporary project, the MLflow runs it logged, then DVC on
-the same outputs (a parameter change reruns only what depends on it), then bad input on the stage commands."""
+"""The whole DAG, shrunk: Snakemake end to end in a temporary project, the MLflow runs it logged, then one state for
+both orchestrators (after either, the other has nothing to do; a parameter change reruns only what depends on it,
+the same stages under both), then bad input on the stage commands."""
 
 import json
 import sqlite3
@@ -122,65 +123,74 @@ def test_ablation_target_tables_the_paper_and_the_pipeline_model(project):
         assert card["variant"] == "paper" and card["protect_settings"]["select"] == "last"
         assert "| paper | paper |" in (root / "results" / name / "ablation.md").read_text()
     assert not [j for j in snakemake_dry_run(root, "ablation") if j["rule"] != "ablation"]
+    # Its own dvc.yaml: the run was recorded in workflow/ablation/dvc.lock.
+    assert "up to date" in run([bin_path("dvc"), "status", "workflow/ablation/dvc.yaml"], root).stdout
 
 
-def test_nothing_left_to_do_then_dvc_reruns_only_the_edited_attack(project):
-    root, params, _ = project
-    assert not [j for j in snakemake_dry_run(root) if j["rule"] != "all"]
-    dvc = bin_path("dvc")
-    run([dvc, "commit", "-f", "-q", "dvc.yaml"], root)  # adopt the outputs Snakemake made as DVC's current state
-    assert "up to date" in run([dvc, "status", "dvc.yaml"], root).stdout
-    # DVC's commit rewrote its file outputs with new mtimes (not the folders' contents); `snakemake --touch` makes
-    # Snakemake adopt them as they are, the README's recipe after `dvc commit`, `dvc checkout` or `dvc pull`.
-    run([bin_path("snakemake"), "--touch", "--cores", "1"], root)
-    assert not [j for j in snakemake_dry_run(root) if j["rule"] != "all"]
+def dvc_changed(root, dvcfile="dvc.yaml") -> list[str]:
+    """The stages `dvc status` lists as changed."""
+    out = run([bin_path("dvc"), "status", dvcfile], root).stdout
+    if "Data and pipelines are up to date." in out:
+        return []
+    return sorted(line.rstrip(":") for line in out.splitlines() if line and not line.startswith((" ", "\t")))
 
+
+def snakemake_jobs(root, *extra) -> list[str]:
+    return sorted(j["rule"] for j in snakemake_dry_run(root, *extra) if j["rule"] not in ("all", "ablation"))
+
+
+def edit_params(root, change) -> None:
     edited = yaml.safe_load((root / "params.yaml").read_text())
-    edited["experiments"][CLS]["attacks"]["initfc_fc"]["epochs"] = 3
+    change(edited["experiments"])
     (root / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
 
-    changed = [line.rstrip(":") for line in run([dvc, "status", "dvc.yaml"], root).stdout.splitlines()
-               if line and not line.startswith((" ", "\t"))]
-    assert sorted(changed) == sorted([f"attack_scratch-{CLS}", f"attack-{CLS}@original", f"attack-{CLS}@ntl",
-                                      f"attack-{CLS}@sophon"]), changed
-    snake = sorted(j["rule"] for j in snakemake_dry_run(root) if j["rule"] != "all")
+
+def test_one_state_snakemake_then_dvc_repro(project):
+    """After Snakemake, dvc.lock holds its outputs (no manual step); a params edit makes both orchestrators want the
+    same stages; `dvc repro` runs exactly those, and then Snakemake has nothing to do."""
+    root, params, _ = project
+    assert dvc_changed(root) == [] and snakemake_jobs(root) == []
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert lock[f"protect-{CLS}"]["outs"][0]["md5"]  # datasets and checkpoints hashed and cached
+    assert (root / ".dvc" / "cache").is_dir()
+
+    edit_params(root, lambda e: e[CLS]["attacks"]["initfc_fc"].update(epochs=3))
+    changed = dvc_changed(root)
+    assert changed == sorted([f"attack_scratch-{CLS}", f"attack-{CLS}@original", f"attack-{CLS}@ntl",
+                              f"attack-{CLS}@sophon"]), changed
+    snake = snakemake_jobs(root)  # not run: DVC runs them
     assert snake == ["attack"] * 4 + [f"report_{CLS}"], snake
 
-    repro = run([dvc, "repro"], root).stdout
+    repro = run([bin_path("dvc"), "repro"], root).stdout
     ran = sorted(set(line.split("'")[1] for line in repro.splitlines() if line.startswith("Running stage")))
-    assert ran == sorted(changed + [f"report-{CLS}"]), ran
+    assert ran == sorted(changed + [f"report-{CLS}"]), ran  # the same set as Snakemake's
     # The run cache: each start's job recomputed the edited attack only.
     runs = [line for line in repro.splitlines() if line.startswith("attacks/")]
     assert len(runs) == 4 * len(params["experiments"][CLS]["attacks"]), runs
     assert all(("(cached)" in line) == (" initfc_fc " not in line) for line in runs), runs
     summary = json.loads((root / "reports" / CLS / "summary.json").read_text())
     assert list(summary["attacks"]["initfc_fc"]["restricted_accuracy"]["sophon"]) == ["0", "1", "2", "3"]
-    assert "summary.json" in run([dvc, "metrics", "show"], root).stdout
+    assert "summary.json" in run([bin_path("dvc"), "metrics", "show"], root).stdout
+
+    assert snakemake_jobs(root) == [] and dvc_changed(root) == []
 
 
-def test_one_search_value_reruns_only_the_searches_and_the_report(project):
+def test_one_state_edit_then_snakemake(project):
+    """The other way round: after a search edit, Snakemake reruns what `dvc status` lists, and leaves dvc.lock clean."""
     root, params, _ = project
-    dvc = bin_path("dvc")
-    assert "up to date" in run([dvc, "status", "dvc.yaml"], root).stdout
-    edited = yaml.safe_load((root / "params.yaml").read_text())
-    edited["experiments"][GEN]["search"]["space"]["lrs"]["adam"]["high"] = 0.002
-    (root / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
-
-    changed = sorted(line.rstrip(":") for line in run([dvc, "status", "dvc.yaml"], root).stdout.splitlines()
-                     if line and not line.startswith((" ", "\t")))
+    assert dvc_changed(root) == []
+    edit_params(root, lambda e: e[GEN]["search"]["space"]["lrs"]["adam"].update(high=0.002))
+    changed = dvc_changed(root)
     assert changed == sorted([f"search_scratch-{GEN}", f"search-{GEN}@original", f"search-{GEN}@sophon"]), changed
-    # The generation report's target only: the classification attacks the previous test reran through DVC are
-    # out of date for Snakemake, whose metadata still holds their old params.
-    snake = sorted(j["rule"] for j in snakemake_dry_run(root, f"reports/{GEN}/report.html"))
-    assert snake == ["report_" + GEN] + ["search"] * 3, snake
-    repro = run([dvc, "repro"], root).stdout
-    ran = sorted(set(line.split("'")[1] for line in repro.splitlines() if line.startswith("Running stage")))
-    assert ran == sorted(changed + [f"report-{GEN}"]), ran
+    assert snakemake_jobs(root) == ["report_" + GEN] + ["search"] * 3
+
+    done = run([bin_path("snakemake"), "--cores", "2"], root)
+    assert done.stderr.count("Finished jobid") == 5  # 3 searches, the report, `all`
+    assert dvc_changed(root) == [] and snakemake_jobs(root) == []
     # The per-run cache: configurations the change did not touch were reused, not recomputed.
     for start in ("scratch", "original", "sophon"):
         doc = json.loads((root / "results" / GEN / "search" / f"{start}.json").read_text())
         assert doc["runs"]["cached"] + doc["runs"]["computed"] == 3 and doc["runs"]["cached"] >= 1, (start, doc["runs"])
-
 
 def test_bad_input_gives_one_line_and_keeps_outputs(project):
     root, params, _ = project

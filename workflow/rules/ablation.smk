@@ -7,13 +7,11 @@ rule ablation_variant:
         parts_of("original_train", "original_val", "original_test", "defender", "adversary", "restricted_test"),
         original_model,
         str(layout.search_result("{experiment}", "scratch")),
+        state=dvc_state("ablation_variant", lambda w: {
+            "variant": exp(w)["ablation"]["variants"][w.variant], "sophon": exp(w)["sophon"], "search": exp(w)["search"]}),
     output:
         str(layout.ablation_result("{experiment}", "{variant}")),
         model_inputs("{experiment}", layout.ablation_model("{experiment}", "{variant}")),
-    params:
-        variant=lambda w: exp(w)["ablation"]["variants"][w.variant],
-        sophon=lambda w: exp(w)["sophon"],
-        search=lambda w: exp(w)["search"],
     log:
         str(layout.log("{experiment}", "ablation/{variant}")),
     conda:
@@ -31,6 +29,7 @@ rule ablation_table:
         model_inputs("{experiment}", "sophon"),
         str(layout.history("{experiment}", "sophon")),
         str(layout.search_result("{experiment}", "sophon")),
+        state=dvc_state("ablation_table", lambda w: exp(w)["ablation"]),
     output:
         str(layout.ablation_table("{experiment}")),
         str(layout.ablation_table("{experiment}").with_suffix(".json")),

@@ -7,10 +7,9 @@ rule sweep:
     input:
         parts_of("adversary", "restricted_test"),
         original_model,
+        state=dvc_state("sweep", lambda w: exp(w)["sweep"]),
     output:
         directory(str(layout.sweep_dir("{experiment}"))),
-    params:
-        sweep=lambda w: exp(w)["sweep"],
     log:
         str(layout.log("{experiment}", "sweep")),
     conda:
@@ -26,12 +25,11 @@ rule sweep:
 rule attack:
     input:
         attack_inputs,
+        state=dvc_state("attack", lambda w: {
+            "attacks": exp(w)["attacks"], "seeds": exp(w)["seeds"],
+            "model": (exp(w).get("model") or exp(w).get("unet")) if w.start == "scratch" else None}),
     output:
         directory(str(layout.attack_dir("{experiment}", "{start}"))),
-    params:
-        attacks=lambda w: exp(w)["attacks"],
-        seeds=lambda w: exp(w)["seeds"],
-        model=lambda w: (exp(w).get("model") or exp(w).get("unet")) if w.start == "scratch" else None,
     log:
         str(layout.log("{experiment}", "attacks/{start}")),
     conda:
@@ -47,11 +45,9 @@ rule stability:
     input:
         parts_of("original_train", "original_val", "defender", "restricted_test"),
         original_model,
+        state=dvc_state("stability", lambda w: {"stability": exp(w)["stability"], "sophon": exp(w)["sophon"]}),
     output:
         directory(str(layout.stability_dir("{experiment}"))),
-    params:
-        stability=lambda w: exp(w)["stability"],
-        sophon=lambda w: exp(w)["sophon"],
     log:
         str(layout.log("{experiment}", "stability")),
     conda:

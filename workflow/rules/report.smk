@@ -8,11 +8,12 @@ for _name in EXPERIMENTS:
             f"report_{_name}"
         input:
             **report_inputs(_name),
+            state=dvc_state(f"report_{_name}", lambda w, name=_name: {
+                "report": EXPERIMENTS[name]["report"], "seeds": EXPERIMENTS[name]["seeds"]}),
         output:
             report_outputs(_name),
         params:
             experiment=_name,  # the shell command is formatted when the job runs, after the loop: bind it here
-            report=EXPERIMENTS[_name]["report"],
         log:
             str(layout.log(_name, "report")),
         conda:

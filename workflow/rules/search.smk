@@ -4,11 +4,11 @@
 rule search:
     input:
         search_inputs,
+        state=dvc_state("search", lambda w: {
+            "search": exp(w)["search"],
+            "model": (exp(w).get("model") or exp(w).get("unet")) if w.start == "scratch" else None}),
     output:
         str(layout.search_result("{experiment}", "{start}")),
-    params:
-        search=lambda w: exp(w)["search"],
-        model=lambda w: (exp(w).get("model") or exp(w).get("unet")) if w.start == "scratch" else None,
     log:
         str(layout.log("{experiment}", "search/{start}")),
     conda:
@@ -25,10 +25,9 @@ rule search:
 rule redteam:
     input:
         search_inputs,
+        state=dvc_state("redteam", lambda w: exp(w)["redteam"]),
     output:
         str(layout.redteam_result("{experiment}", "{start}")),
-    params:
-        redteam=lambda w: exp(w)["redteam"],
     log:
         str(layout.log("{experiment}", "redteam/{start}")),
     conda:

@@ -2,12 +2,12 @@
 
 
 rule split:
+    input:
+        # original.checkpoint only concerns pretrain: a new one does not redo the split
+        state=dvc_state("split", lambda w: {k: without_checkpoint(exp(w)[k]) for k in ("data", "original", "restricted", "split")}),
     output:
         [str(layout.split_part("{experiment}", part)) for part in layout.SPLIT_PARTS],
         str(layout.split_manifest("{experiment}")),
-    params:
-        # original.checkpoint only concerns pretrain: a new one does not redo the split
-        data=lambda w: {k: without_checkpoint(exp(w)[k]) for k in ("data", "original", "restricted", "split")},
     log:
         str(layout.log("{experiment}", "split")),
     conda:
@@ -23,13 +23,12 @@ rule pretrain:
     input:
         parts_of("original_train", "original_val", "original_test", "restricted_test"),
         imported_checkpoint,
+        state=dvc_state("pretrain", lambda w: {**{k: exp(w).get(k) for k in ("model", "unet", "augment", "eval", "pretrain")},
+                                               "checkpoint": exp(w)["original"].get("checkpoint")}),
     output:
         model_inputs("{experiment}", "original"),
         str(layout.history("{experiment}", "original")),
         directory(str(layout.release_dir("{experiment}", "original"))),
-    params:
-        model=lambda w: {k: exp(w).get(k) for k in ("model", "unet", "augment", "eval", "pretrain")},
-        checkpoint=lambda w: exp(w)["original"].get("checkpoint"),
     log:
         str(layout.log("{experiment}", "pretrain")),
     conda:
@@ -46,11 +45,10 @@ rule ntl:
     input:
         parts_of("original_train", "original_test", "defender", "restricted_test"),
         original_model,
+        state=dvc_state("ntl", lambda w: exp(w)["ntl"]),
     output:
         model_inputs("{experiment}", "ntl"),
         str(layout.history("{experiment}", "ntl")),
-    params:
-        ntl=lambda w: exp(w)["ntl"],
     log:
         str(layout.log("{experiment}", "ntl")),
     conda:
@@ -66,12 +64,11 @@ rule protect:
     input:
         parts_of("original_train", "original_val", "original_test", "defender", "restricted_test"),
         original_model,
+        state=dvc_state("protect", lambda w: exp(w)["sophon"]),
     output:
         model_inputs("{experiment}", "sophon"),
         str(layout.history("{experiment}", "sophon")),
         directory(str(layout.release_dir("{experiment}", "sophon"))),
-    params:
-        sophon=lambda w: exp(w)["sophon"],
     log:
         str(layout.log("{experiment}", "protect")),
     conda:
