@@ -228,3 +228,16 @@ def test_config_accepts_the_depth_section(tmp_path, project_dir, experiment):
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(ConfigError, match="depth"):
         load_params(path)
+
+
+def test_protect_with_depth_resumes_exactly(tiny, tmp_path):
+    shapes, defender = tiny
+    settings = _settings(loops=3, save_every=1, depth={"weight": 5.0, "at": "both"})
+    uninterrupted = resnet()
+    protect(uninterrupted, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
+            state_dir=tmp_path, state_key="k")  # leaves the state saved after loop 2
+    resumed = resnet()
+    protect(resumed, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
+            state_dir=tmp_path, state_key="k")  # the depth term's generator and batches resume too
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
