@@ -3,19 +3,20 @@
 (Adam at β·lr), with gradient clipping and a rollback when original-domain quality collapses.
 
 Beyond the paper (each a setting; the defaults are the paper's): simulated starts that re-initialise more than the
-head, lr schedules in the simulation, inner steps weighted up towards the end of the simulated fine-tune, and
+head, lr schedules in the simulation, inner steps weighted up towards the end of the simulated fine-tune,
 releasing the checkpoint that a held-out probe attack finds hardest to fine-tune rather than the last one, and
 suppression at depth (`depth`): the Gaussian-kernel MMD between every stage's features of restricted inputs and
 Gaussian noise (representation noising, Rosati et al. 2024; sophon.losses.mmd_to_noise), so the early stages an
 adversary keeps when it re-initialises the last ones stop carrying the restricted domain's features.
 
-`depth.at: released` adds `weight × MMD` of a defender batch at the released weights to every reinforcement step's
+`variant_name` says which of these a run used; the model card and the report carry it.
+
+Suppression at depth: `depth.at: released` adds `weight × MMD` of a defender batch at the released weights to every reinforcement step's
 loss (one Adam step for the original-domain loss and the depth term together, as representation noising trains its
 retain loss and its noise loss; a separate optimiser would be a third objective pulling against the reinforcement).
 `adapted` adds it to the suppression loss at the simulation's evaluation points (sophon.simulate), so its
 first-order gradient is taken at the adapted weights like the suppression's; `both` does both. Weight 0 (the
 default) is the paper: no extra forward pass, no random numbers drawn.
-`variant_name` says which of these a run used; the model card and the report carry it.
 
 The loop is resumable: with a state folder it saves its full state (weights, both optimisers, the last good
 snapshot, every RNG state, the batch position, the history) every `save_every` loops, and resumes from a state
