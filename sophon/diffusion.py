@@ -187,6 +187,14 @@ class DiffusionObjective:
         predicted, noise = self._batch(forward, images, generator, self.suppress_timesteps)
         return self.suppress(predicted, noise)
 
+    def model_inputs(self, images, generator):
+        """The UNet's arguments for a uint8 batch, as the suppression loss noises it: `(x_t, t)`, t drawn from
+        `suppress_timesteps` (all by default), no augmentation."""
+        t = None if self.suppress_timesteps is None else torch.randint(*self.suppress_timesteps, (len(images),),
+                                                                        generator=generator)
+        x_t, _, t = noised(self.scheduler, to_signed(images, self.device), generator, t)
+        return x_t, t
+
     def quality(self, model, data, device):
         return evaluate_mse(model, data, self.scheduler, device, seed=self.eval_seed, repeats=self.eval_repeats)
 

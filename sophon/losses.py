@@ -79,3 +79,60 @@ def inverse_noise(predicted_noise, noise):
     """‖ε_θ(x_t, t) + ε‖²: predict the negated noise, the diffusion analogue of ICE (a wrong target, bounded
     below, gradient vanishing there). At its minimum the noise-prediction MSE is 4, above a random model's."""
     return (predicted_noise + noise).pow(2).mean()
+
+
+# --- suppression at depth (not a registry loss: it takes a model's stage features, not its output) ------------
+
+MMD_BANDWIDTHS = (0.5, 1.0, 2.0)  # × 2d, the mean squared distance of two d-dimensional standard Gaussian draws
+
+
+def pooled_features(features: torch.Tensor, max_dims: int = 256) -> torch.Tensor:
+    """N×d features of one stage, d ≤ `max_dims` (when the channels allow): a C×H×W map is average-pooled to the
+    largest s×s grid with C·s² ≤ max_dims (1×1 when C > max_dims), then flattened; a flat vector longer than
+    max_dims is average-pooled along its length. Float32, or float64 for a float64 input."""
+    x = features if features.dtype == torch.float64 else features.float()
+    if x.ndim == 4:
+        channels, height, width = x.shape[1:]
+        side = max(1, math.isqrt(max_dims // channels)) if channels <= max_dims else 1
+        x = F.adaptive_avg_pool2d(x, (min(side, height), min(side, width)))
+    x = x.reshape(len(x), -1)
+    if x.shape[1] > max_dims:
+        x = F.adaptive_avg_pool1d(x.unsqueeze(1), max_dims).squeeze(1)
+    return x
+
+
+def gaussian_mmd2(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...] = MMD_BANDWIDTHS) -> torch.Tensor:
+    """Unbiased MMD² between samples x (N×d) and y (M×d), N, M ≥ 2, with the kernel
+    k(a, b) = (1/|S|)·Σ_{s∈S} exp(−‖a − b‖² / (s·2d)), S = `bandwidths`:
+        MMD²_u = mean_{i≠j} k(x_i, x_j) + mean_{i≠j} k(y_i, y_j) − 2·mean_{i,j} k(x_i, y_j).
+    Its expectation is 0 when x and y come from one distribution (so an estimate can be slightly negative)."""
+    d = x.shape[1]
+    z = torch.cat([x, y])
+    norms = z.pow(2).sum(1)
+    sq = (norms[:, None] + norms[None, :] - 2 * z @ z.T).clamp_min(0)  # no sqrt: smooth at a zero distance
+    k = sum(torch.exp(-sq / (s * 2 * d)) for s in bandwidths) / len(bandwidths)
+    n, m = len(x), len(y)
+    kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
+    return ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+            - 2 * kxy.mean())
+
+
+def mmd_to_noise(features, generator: torch.Generator, max_dims: int = 256) -> torch.Tensor:
+    """Suppression at depth (representation noising, Rosati et al. 2024): for each stage's features h (N×…) of
+    restricted inputs, x = pooled_features(h) (N×d, at most `max_dims` dims) and ε an equal-size batch of standard
+    Gaussian noise N(0, I_d) drawn from `generator` (on the CPU, then moved to x's device), the loss is
+        (1/L)·Σ_stages MMD²_u(x, ε),
+    `gaussian_mmd2` with fixed bandwidths s·2d, s ∈ {0.5, 1, 2} (2d is the noise's own mean squared pairwise
+    distance; fixed rather than a median heuristic so the loss is a smooth function of the features and its
+    gradient is exact). Minimising it makes every stage's features of restricted inputs indistinguishable from
+    noise under the kernel. `features`: one tensor or a list of them (one per stage)."""
+    if isinstance(features, torch.Tensor):
+        features = [features]
+    if not features:
+        raise ValueError("mmd_to_noise: no stage features")
+    total = 0.0
+    for h in features:
+        x = pooled_features(h, max_dims)
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        total = total + gaussian_mmd2(x, noise)
+    return total / len(features)

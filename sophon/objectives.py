@@ -27,6 +27,8 @@ class Objective(Protocol):
 
     def quality(self, model, data: ImageSet, device) -> float: ...
 
+    def model_inputs(self, images, generator) -> tuple: ...  # the model's arguments for a batch (stage features)
+
 
 class ClassificationObjective:
     """Cross-entropy for fine-tuning and reinforcement; ICE or KLU (or −CE) for suppression; accuracy."""
@@ -48,3 +50,7 @@ class ClassificationObjective:
 
     def quality(self, model, data, device):
         return evaluate_accuracy(model, data, device)
+
+    def model_inputs(self, images, generator):
+        """The classifier's argument for a uint8 batch: `(x,)`, x in [0, 1] (the Classifier normalises it)."""
+        return (to_input(images, self.device),)

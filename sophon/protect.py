@@ -3,9 +3,20 @@
 (Adam at β·lr), with gradient clipping and a rollback when original-domain quality collapses.
 
 Beyond the paper (each a setting; the defaults are the paper's): simulated starts that re-initialise more than the
-head, lr schedules in the simulation, inner steps weighted up towards the end of the simulated fine-tune, and
-releasing the checkpoint that a held-out probe attack finds hardest to fine-tune rather than the last one.
+head, lr schedules in the simulation, inner steps weighted up towards the end of the simulated fine-tune,
+releasing the checkpoint that a held-out probe attack finds hardest to fine-tune rather than the last one, and
+suppression at depth (`depth`): the Gaussian-kernel MMD between every stage's features of restricted inputs and
+Gaussian noise (representation noising, Rosati et al. 2024; sophon.losses.mmd_to_noise), so the early stages an
+adversary keeps when it re-initialises the last ones stop carrying the restricted domain's features.
+
 `variant_name` says which of these a run used; the model card and the report carry it.
+
+Suppression at depth: `depth.at: released` adds `weight × MMD` of a defender batch at the released weights to every reinforcement step's
+loss (one Adam step for the original-domain loss and the depth term together, as representation noising trains its
+retain loss and its noise loss; a separate optimiser would be a third objective pulling against the reinforcement).
+`adapted` adds it to the suppression loss at the simulation's evaluation points (sophon.simulate), so its
+first-order gradient is taken at the adapted weights like the suppression's; `both` does both. Weight 0 (the
+default) is the paper: no extra forward pass, no random numbers drawn.
 
 The loop is resumable: with a state folder it saves its full state (weights, both optimisers, the last good
 snapshot, every RNG state, the batch position, the history) every `save_every` loops, and resumes from a state
@@ -25,7 +36,9 @@ import torch
 
 from sophon.data import ImageSet
 from sophon.errors import ConfigError
+from sophon.features import STAGE_SELECTIONS, feature_stages, stage_features
 from sophon.io import read_state, write_state
+from sophon.losses import mmd_to_noise
 from sophon.objectives import Objective
 from sophon.simulate import START_ALIASES, Adversary, sample_task
 from sophon.train import endless_batches, progress
@@ -54,6 +67,7 @@ class ProtectSettings:
     late_weight: float = 1.0  # exponential: the last evaluation point's weight relative to the first
     select: str = "last"  # or "probe": release the check whose probe fine-tune did worst on the restricted domain
     probe: dict = field(default_factory=lambda: dict(PROBE))  # sophon.attacks.AttackSettings fields
+    depth: dict = field(default_factory=lambda: dict(DEPTH))  # suppression at depth; weight 0 = off (the paper)
     task_space: dict = field(default_factory=lambda: {
         "starts": ["direct", "initFC"], "optimizers": ["adam", "momentum"],
         "lrs": [3e-4, 1e-3, 3e-3], "batch_sizes": [64, 128], "lr_scale": {"momentum": 10.0}})
@@ -62,6 +76,47 @@ class ProtectSettings:
 PROBE = {"strategy": "initFC+all", "optimizer": "adagrad", "lr": 0.01, "batch_size": 100, "epochs": 2,
          "schedule": "constant", "weight_decay": 0.0}
 SELECTIONS = ("last", "probe")
+DEPTH = {"weight": 0.0, "stages": "all", "at": "released"}  # `at`, not `on`: YAML 1.1 reads on as true
+DEPTH_AT = ("released", "adapted", "both")
+DEPTH_SEED = 7919  # the depth term's generator is seeded with seed + DEPTH_SEED: the loop's own draws stay as they were
+
+
+def depth_settings(settings: ProtectSettings) -> dict:
+    """`settings.depth` over the defaults, checked (ConfigError naming the key)."""
+    unknown_keys = set(settings.depth) - set(DEPTH)
+    if unknown_keys:
+        raise ConfigError(f"sophon.depth: unknown keys {', '.join(sorted(unknown_keys))}; known: {', '.join(DEPTH)}")
+    depth = {**DEPTH, **settings.depth}
+    if not isinstance(depth["weight"], (int, float)) or depth["weight"] < 0:
+        raise ConfigError(f"sophon.depth.weight: {depth['weight']!r} is not a number >= 0")
+    if depth["at"] not in DEPTH_AT:
+        raise ConfigError(f"sophon.depth.at: {depth['at']!r} is not one of {', '.join(DEPTH_AT)}")
+    if depth["stages"] not in STAGE_SELECTIONS:
+        raise ConfigError(f"sophon.depth.stages: {depth['stages']!r} is not one of {', '.join(STAGE_SELECTIONS)}")
+    if depth["weight"] > 0 and depth["at"] != "adapted" and settings.natural_steps == 0:
+        raise ConfigError(f"sophon.depth.at: {depth['at']} adds the depth term to the reinforcement steps, and "
+                          f"sophon.natural_steps is 0; use at: adapted or natural_steps >= 1")
+    return depth
+
+
+class DepthTerm:
+    """MMD² to Gaussian noise of the model's stage features of restricted inputs (sophon.losses.mmd_to_noise over
+    sophon.features.stage_features): `term(images, params)` at the weights `params` (parameters and buffers by
+    name; None: the model's own parameters with a copy of its buffers, so no batch-norm statistics move). The inputs
+    (a diffusion batch's noise and timesteps) and the noise come from the term's own generator."""
+
+    def __init__(self, model: torch.nn.Module, objective: Objective, depth: dict, seed: int):
+        self.model, self.objective = model, objective
+        self.weight = float(depth["weight"])
+        self.stages = feature_stages(model, depth["stages"])
+        self.generator = torch.Generator().manual_seed(seed + DEPTH_SEED)
+
+    def __call__(self, images: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if params is None:
+            params = {**dict(self.model.named_parameters()),
+                      **{name: b.detach().clone() for name, b in self.model.named_buffers()}}
+        inputs = self.objective.model_inputs(images, self.generator)
+        return mmd_to_noise(stage_features(self.model, inputs, params, self.stages), self.generator)
 
 
 PAPER_LOSSES = ("ice", "klu", "neg_ce", "dos", "neg_mse")  # the paper's suppression losses and naive baselines
@@ -72,6 +127,7 @@ def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None
     """`paper` for the paper's Sophon, else `paper + <each change>`: what the card and the report name."""
     starts = {START_ALIASES.get(s, s) for s in settings.task_space.get("starts", [])}
     changes = [f"{suppression} suppression"] if suppression and suppression not in PAPER_LOSSES else []
+    depth = {**DEPTH, **settings.depth}
     if starts - {"direct+all", "initFC+all"}:
         changes.append("starts " + "/".join(sorted(starts - {"direct+all", "initFC+all"})))
     if set(settings.task_space.get("optimizers", [])) - {"adam", "momentum"}:
@@ -84,6 +140,10 @@ def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None
         changes.append(f"adversaries persist {settings.persist_loops} loops")
     if settings.select != "last":
         changes.append(f"{settings.select}-selected checkpoint")
+    if depth["weight"] > 0:
+        where = {"released": "", "adapted": " at adapted weights", "both": " at released and adapted weights"}
+        stages = "" if depth["stages"] == "all" else f" on {depth['stages']} stages"
+        changes.append(f"depth MMD ×{depth['weight']:g}{stages}{where.get(depth['at'], ' ' + str(depth['at']))}")
     if suppress_timesteps is not None and list(suppress_timesteps) != [0, 1000]:  # 1,000: the DDPM's steps
         changes.append(f"suppression on t in [{suppress_timesteps[0]}, {suppress_timesteps[1]})")
     return " + ".join(["paper", *changes])
@@ -99,6 +159,8 @@ class ProtectHistory:
     nonfinite: int = 0  # loops whose suppression loss was NaN/inf (their update is skipped)
     probes: list[dict] = field(default_factory=list)  # {"loop", "score"}: the probe attack at each good check
     selected_loop: int | None = None  # the loop whose weights were released
+    depth_loss: list[float] = field(default_factory=list)  # depth MMD at the released weights (reinforcement steps)
+    adapted_depth_loss: list[float] = field(default_factory=list)  # depth MMD at the adapted weights
 
 
 def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, original_train: ImageSet,
@@ -117,6 +179,11 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
     if settings.select not in SELECTIONS:
         raise ConfigError(f"sophon.select: {settings.select!r} is not one of {', '.join(SELECTIONS)}")
     probe = Probe(settings.probe, objective, defender, seed=seed, device=device) if settings.select == "probe" else None
+    depth = depth_settings(settings)
+    term = DepthTerm(model, objective, depth, seed) if depth["weight"] > 0 else None
+    on_released = term is not None and depth["at"] in ("released", "both")
+    on_adapted = term is not None and depth["at"] in ("adapted", "both")
+    depth_batches = endless_batches(defender, settings.natural_batch_size, term.generator) if on_released else None
     best: dict | None = None  # the probe-selected weights: {"loop", "score", "model"}
 
     saved = read_state(state_dir) if state_dir is not None else None
@@ -129,6 +196,10 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
         generator.set_state(saved["generator"])
         rng.setstate(saved["rng"])
         normal_batches.restore(saved["normal_batches"])
+        if term is not None:
+            term.generator.set_state(saved["depth_generator"])
+        if depth_batches is not None:
+            depth_batches.restore(saved["depth_batches"])
         reference, history, first = saved["reference"], ProtectHistory(**saved["history"]), saved["loop"] + 1
         best = saved.get("best")
         log.info("resumed from the state saved after loop %d", saved["loop"])
@@ -145,14 +216,17 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             "normal_opt": normal_opt.state_dict(), "last_good": {"model": last_good[0], "optimizers": last_good[1]},
             "torch_rng": torch.get_rng_state(), "generator": generator.get_state(), "rng": rng.getstate(),
             "normal_batches": normal_batches.state(), "reference": reference, "history": dataclasses.asdict(history),
-            **({"best": best} if best is not None else {})})
+            **({"best": best} if best is not None else {}),
+            **({"depth_generator": term.generator.get_state()} if term is not None else {}),
+            **({"depth_batches": depth_batches.state()} if depth_batches is not None else {})})
 
     def new_adversary() -> Adversary:
         order = torch.randperm(len(defender), generator=generator)
         half = len(order) // 2
         return Adversary(model, objective, sample_task(settings.task_space, rng), defender.subset(order[:half]),
                          defender.subset(order[half:]), total_steps=settings.inner_steps * settings.persist_loops,
-                         eval_batch_size=settings.eval_batch_size, generator=generator)
+                         eval_batch_size=settings.eval_batch_size, generator=generator,
+                         depth=term if on_adapted else None)
 
     bar = progress(range(first, settings.loops + 1), initial=first - 1, total=settings.loops, desc="protect",
                    unit="loop")
@@ -164,13 +238,14 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
         if (loop - 1) % settings.persist_loops == 0 or not adversaries:
             adversaries = [new_adversary() for _ in range(settings.tasks_per_loop)]
         total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
-        losses = []
+        losses, adapted_depth = [], []
         for adversary in adversaries:
             result = adversary.run(settings.inner_steps, settings.eval_every, settings.step_weighting,
                                    settings.late_weight)
             for name, grad in result.grads.items():
                 total[name] += grad / settings.tasks_per_loop
             losses.append(result.suppression_loss)
+            adapted_depth.append(result.depth_loss)
         suppression = sum(losses) / len(losses)
         if all(torch.isfinite(g).all() for g in total.values()) and torch.isfinite(torch.tensor(suppression)):
             suppress_opt.zero_grad(set_to_none=True)
@@ -182,18 +257,30 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             history.nonfinite += 1
 
         # Normal training reinforcement on the original domain.
-        normal = 0.0
+        # With depth on the released weights, each step also pushes the stage features of a defender batch
+        # towards noise (one loss, one Adam step).
+        normal, released_depth = 0.0, 0.0
         for _ in range(settings.natural_steps):
             images, labels = next(normal_batches)
             loss = objective.finetune_loss(model, images, labels, generator)
+            if on_released:
+                mmd = term(next(depth_batches)[0])
+                released_depth += mmd.item() / settings.natural_steps
+                total_loss = loss + term.weight * mmd
+            else:
+                total_loss = loss
             normal_opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total_loss.backward()
             normal_opt.step()
             normal += loss.item() / settings.natural_steps
 
         history.loop.append(loop)
         history.suppression_loss.append(suppression)
         history.normal_loss.append(normal)
+        if on_released:
+            history.depth_loss.append(released_depth)
+        if on_adapted:
+            history.adapted_depth_loss.append(sum(adapted_depth) / len(adapted_depth))
         bar.set_postfix(suppress=f"{suppression:.3g}", normal=f"{normal:.3g}")
 
         if loop % settings.check_every == 0 or loop == settings.loops:

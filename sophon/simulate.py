@@ -9,6 +9,11 @@ A simulated start is a fine-tuning strategy of sophon.strategies (the attack sea
 `initFC+all`, `initFC+FC`, `reinit<k>+all`, `reinit_up+all`. What a strategy re-initialises gets fresh values
 and no suppression gradient (a fresh tensor's gradient says nothing about the released one); what it freezes
 is not updated. The paper's two starts are `direct` and `initFC` (accepted as aliases).
+
+Suppression at depth at the adapted weights (`sophon.protect.DepthTerm`, `depth.at: adapted`): at each evaluation
+point the depth term of the same held-out batch, taken at the adapted weights (with a copy of their buffers, so the
+simulation's batch-norm statistics are not touched), is added to the suppression loss before the first-order
+gradient is taken. Off (None), nothing else runs.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ class SimulationResult:
     grads: dict[str, torch.Tensor]  # weighted first-order gradient of the suppression loss, by parameter name
     suppression_loss: float  # weighted mean over the evaluation points
     final_suppression_loss: float  # after the last inner step
+    depth_loss: float = 0.0  # weighted mean over the evaluation points of the depth term's MMD (before its weight)
 
 
 def simulated_start(model: torch.nn.Module, strategy: str, seed: int) -> tuple[dict[str, torch.Tensor], set[str], set[str]]:
@@ -104,9 +110,11 @@ class Adversary:
     before each run they move by what the outer loop changed since (`follow`)."""
 
     def __init__(self, model: torch.nn.Module, objective: Objective, task: SimulatedTask, finetune_data: ImageSet,
-                 eval_data: ImageSet, *, total_steps: int, eval_batch_size: int, generator: torch.Generator):
+                 eval_data: ImageSet, *, total_steps: int, eval_batch_size: int, generator: torch.Generator,
+                 depth=None):
         fresh, self.reinitialised, self.trained = simulated_start(model, task.start, task.seed)
         self.model, self.objective, self.generator = model, objective, generator
+        self.depth = depth  # a sophon.protect.DepthTerm taken at the adapted weights, or None
         self.params = {name: fresh.get(name, p.detach()).clone().requires_grad_(name in self.trained)
                        for name, p in model.named_parameters()}
         self.buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
@@ -142,7 +150,7 @@ class Adversary:
         points = eval_points(steps, eval_every)
         weights = dict(zip(points, step_weights(len(points), weighting, late_weight)))
         grads = {name: torch.zeros_like(params[name]) for name in targets}
-        weighted, last = 0.0, 0.0
+        weighted, last, depth = 0.0, 0.0, 0.0
         self.model.train()
         for step in range(steps + 1):
             if step in weights:
@@ -150,7 +158,12 @@ class Adversary:
                 # Frozen tensors take part too: the gradient is first-order in every released weight.
                 with_grad = [params[n].requires_grad_(True) for n in targets]
                 loss = self.objective.suppression_loss(self.forward, images, labels, self.generator)
-                for name, grad in zip(targets, torch.autograd.grad(loss, with_grad)):
+                total = loss
+                if self.depth is not None:
+                    mmd = self.depth(images, {**params, **{n: b.clone() for n, b in self.buffers.items()}})
+                    total = loss + self.depth.weight * mmd
+                    depth += weights[step] * mmd.item()
+                for name, grad in zip(targets, torch.autograd.grad(total, with_grad)):
                     grads[name] += weights[step] * grad
                 for name in targets:
                     params[name].requires_grad_(name in self.trained)
@@ -165,7 +178,7 @@ class Adversary:
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
-        return SimulationResult(grads, weighted, last)
+        return SimulationResult(grads, weighted, last, depth)
 
 
 def simulate_finetune(model: torch.nn.Module, objective: Objective, task: SimulatedTask, finetune_data: ImageSet,

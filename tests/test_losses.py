@@ -82,3 +82,49 @@ def test_klu_is_zero_at_uniform():
 def test_unknown_loss_names_the_known_ones():
     with pytest.raises(UnknownNameError, match="unknown loss 'foo'.*ice"):
         get_loss("foo")
+
+
+# --- suppression at depth: MMD² to Gaussian noise ---------------------------------------------------------------
+
+def test_mmd_to_noise_is_about_zero_for_noise_and_clearly_positive_for_a_constant_batch():
+    from sophon.losses import mmd_to_noise
+
+    g = torch.Generator().manual_seed(0)
+    noise = [torch.randn(128, 16, 4, 4, generator=g), torch.randn(128, 64, generator=g)]
+    # Pooled to at most 256 dims (16 channels × 4 × 4 stays; an average-pooled map would not be standard
+    # Gaussian, so the noise is given at the pooled size here).
+    assert abs(mmd_to_noise(noise, torch.Generator().manual_seed(1)).item()) < 0.01
+    constant = [torch.full((128, 16, 4, 4), 0.5), torch.zeros(128, 64)]
+    assert mmd_to_noise(constant, torch.Generator().manual_seed(1)).item() > 0.1
+    # The same generator state gives the same noise, so the same value.
+    assert mmd_to_noise(constant, torch.Generator().manual_seed(1)) == mmd_to_noise(
+        constant, torch.Generator().manual_seed(1))
+
+
+def test_pooled_features_stay_within_max_dims():
+    from sophon.losses import pooled_features
+
+    assert pooled_features(torch.rand(2, 16, 8, 8)).shape == (2, 256)  # 16 × 4 × 4
+    assert pooled_features(torch.rand(2, 48, 8, 8)).shape == (2, 192)  # 48 × 2 × 2
+    assert pooled_features(torch.rand(2, 512, 3, 3)).shape == (2, 256)  # global pool, then along the channels
+    assert pooled_features(torch.rand(2, 10)).shape == (2, 10)
+
+
+def test_mmd_to_noise_gradient_matches_finite_differences():
+    from sophon.losses import mmd_to_noise
+
+    x = torch.randn(6, 2, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 0.5 + 1.0
+
+    def loss(features):  # the same noise at every call
+        return mmd_to_noise([features], torch.Generator().manual_seed(7))
+
+    leaf = x.clone().requires_grad_(True)
+    loss(leaf).backward()
+    assert leaf.grad.abs().sum() > 0
+    eps = 1e-3
+    for index in [(0, 0, 0, 0), (2, 1, 0, 1), (5, 1, 1, 1)]:
+        up, down = x.clone(), x.clone()
+        up[index] += eps
+        down[index] -= eps
+        numeric = (loss(up) - loss(down)).item() / (2 * eps)
+        assert numeric == pytest.approx(leaf.grad[index].item(), rel=1e-4, abs=1e-8)

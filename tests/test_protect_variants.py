@@ -34,7 +34,7 @@ def model():
 
 # --- simulated starts --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("strategy", ["reinit1+all", "reinit2+all", "initFC+FC", "initFC"])
+@pytest.mark.parametrize("strategy", ["reinit1+all", "reinit2+all", "reinit3+all", "initFC+FC", "initFC"])
 def test_simulated_start_reinitialises_what_the_attack_strategy_does(strategy):
     net = model()
     fresh, reinitialised, trained = simulated_start(net, strategy, seed=5)
@@ -275,7 +275,7 @@ def test_variant_name_lists_each_change_from_the_paper():
 
 
 @pytest.mark.parametrize("start,message", [("lora", "LoRA is an attack"), ("reinit_up+all", "not allowed for classification"),
-                                           ("initFC+all", None)])
+                                           ("initFC+all", None), ("reinit2+all", None), ("reinit3+all", None)])
 def test_config_checks_simulated_starts_by_key(tmp_path, project_dir, start, message):
     params = yaml.safe_load(open(f"{project_dir}/params.yaml"))
     params["experiments"]["quick-classification"]["sophon"]["task_space"]["starts"] = [start]
