@@ -118,3 +118,8 @@ def test_name_checks_are_stamped_per_content(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="restricted.domain' = nope: unknown domain"):
         load_params(path, checked=stamps)
     assert len(calls) == 2 and len(list(stamps.iterdir())) == 1  # no stamp for a file that failed
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    assert load_params(path)["experiments"]
