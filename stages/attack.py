@@ -18,7 +18,7 @@ from sophon.io import read_json, write_json
 from sophon.search import cached_finetune
 from sophon.tasks import task_of
 from sophon.tracking import stage_run
-from stages.common import parser, parts, run, run_cache, setup, start_builder
+from stages.common import fine_tuning_setup, parser, run, setup
 
 
 def resolve_lr(exp: dict, attack: dict) -> float:
@@ -73,9 +73,7 @@ def main() -> None:
     exp, device = setup(args)
     task = task_of(exp)
     run_name, start, runs = planned_runs(exp, args)
-    adversary, test = parts(exp, "adversary", "restricted_test")
-    objective = task.objective(exp, device)
-    build, cache = start_builder(exp, start, device), run_cache(exp, start, objective)
+    objective, adversary, test, build, cache = fine_tuning_setup(exp, start, device)
     extra = denoised_images(exp, objective, test, device) if exp["task"] == "diffusion" else None
     with stage_run("sweep" if args.sweep else "attack", exp["name"], name=run_name,
                    params={"start": start, "runs": len(runs)}, tags={"sophon.start": start}) as tracked:

@@ -72,6 +72,16 @@ def start_builder(exp: dict, start: str, device):
     return lambda: copy.deepcopy(model)
 
 
+def fine_tuning_setup(exp: dict, start: str, device):
+    """What every fine-tuning stage (attack, search, red team) reads for one start: the objective, the adversary's
+    half and the restricted test set, a builder of fresh copies of the start's model, and its run cache."""
+    from sophon.tasks import task_of
+
+    adversary, test = parts(exp, "adversary", "restricted_test")
+    objective = task_of(exp).objective(exp, device)
+    return objective, adversary, test, start_builder(exp, start, device), run_cache(exp, start, objective)
+
+
 def run_cache(exp: dict, start: str, objective):
     """The cache of finished fine-tuning runs from one start (sophon.search.RunCache), keyed by the start model's
     weights (its architecture from scratch), the objective and its settings, and the data the runs read."""

@@ -18,7 +18,7 @@ from sophon.io import write_json
 from sophon.search import cached_finetune
 from sophon.tasks import task_of
 from sophon.tracking import stage_run
-from stages.common import parser, parts, run, run_cache, setup, start_builder
+from stages.common import fine_tuning_setup, parser, run, setup
 
 
 def main() -> None:
@@ -29,9 +29,7 @@ def main() -> None:
     task, cfg, name = task_of(exp), exp["redteam"], exp["name"]
     if args.start not in cfg["starts"]:
         raise ConfigError(f"--start {args.start!r} is not one of the red-team starts of {name}: {', '.join(cfg['starts'])}")
-    adversary, test = parts(exp, "adversary", "restricted_test")
-    objective = task.objective(exp, device)
-    build, cache = start_builder(exp, args.start, device), run_cache(exp, args.start, objective)
+    objective, adversary, test, build, cache = fine_tuning_setup(exp, args.start, device)
     began, attacks = time.perf_counter(), {}
     with stage_run("redteam", name, name=f"redteam/{args.start}", params={"start": args.start, "seeds": cfg["seeds"]},
                    tags={"sophon.start": args.start}) as tracked:

@@ -20,7 +20,7 @@ from sophon.report import figures
 from sophon.search import run_search
 from sophon.tasks import task_of
 from sophon.tracking import stage_run
-from stages.common import parser, parts, run, run_cache, setup, start_builder
+from stages.common import fine_tuning_setup, parser, run, setup
 
 
 def main() -> None:
@@ -32,9 +32,7 @@ def main() -> None:
     if args.start not in ("scratch", *cfg["starts"]):
         raise ConfigError(f"--start {args.start!r} is neither scratch nor one of the search's starts of {name}: "
                           f"{', '.join(cfg['starts'])}")
-    adversary, test = parts(exp, "adversary", "restricted_test")
-    objective = task.objective(exp, device)
-    build, cache = start_builder(exp, args.start, device), run_cache(exp, args.start, objective)
+    objective, adversary, test, build, cache = fine_tuning_setup(exp, args.start, device)
     with stage_run("search", name, name=f"search/{args.start}",
                    params={"start": args.start, **cfg}, tags={"sophon.start": args.start}) as tracked:
         began = time.perf_counter()
