@@ -260,6 +260,16 @@ def _tell(study, handle, record: dict) -> None:
         study.tell(handle, record["score"] if math.isfinite(record["score"]) else -1e9)
 
 
+def _rank(trial: Trial) -> str:
+    return hashlib.sha256(trial.name.encode()).hexdigest()
+
+
+def _params(trial: Trial) -> dict:
+    """The sampler's parameters that give `trial` (see `_sample`)."""
+    return {f"lr_{trial.optimizer}": trial.lr, "batch_size": trial.batch_size, "schedule": trial.schedule,
+            "weight_decay": trial.weight_decay, "preparation": trial.preparation}
+
+
 def coarse_search(run: Callable, cfg: dict, start: str, higher: bool) -> list[dict]:
     """Step 1: `run(trial, epochs, keep_going) -> record` for every planned trial under the pruner. Returns the
     coarse records (name, config, curve up to where the run stopped, score, pruned)."""
@@ -281,8 +291,14 @@ def coarse_search(run: Callable, cfg: dict, start: str, higher: bool) -> list[di
             if config.name not in seen:
                 break
             _tell(study, handle, seen[config.name])
-        else:
-            continue  # this stratum's sampled values are spent
+        else:  # the sampler keeps proposing tried ones: the stratum's first untried configuration, in a stable order
+            left = sorted((t for t in grid(cfg["space"], start) if (t.strategy, t.optimizer) ==
+                           (fixed["strategy"], fixed["optimizer"]) and t.name not in seen), key=_rank)
+            if not left:
+                continue  # every configuration of this stratum is tried
+            study.enqueue_trial(_params(left[0]))
+            handle = study.ask()
+            config = _sample(handle, fixed, cfg["space"], start)
         held = [-math.inf]  # the best quality the run holds so far (its best checkpoint), oriented
 
         def keep_going(epoch: int, value: float, handle=handle, held=held) -> bool:

@@ -73,7 +73,7 @@ def test_successive_halving_starts_many_and_promotes_the_best():
     assert coarse_search(again, cfg, "sophon", higher=True) == records  # seeded: the same trials, the same cuts
 
 
-def test_a_stratum_whose_values_are_spent_gives_no_repeats():
+def test_a_stratum_whose_values_are_spent_gives_no_repeats(monkeypatch):
     space = {"strategies": ["direct+all", "lora"], "optimizers": ["adam"], "lrs": {"adam": {"low": 1e-3, "high": 1e-2, "count": 2}},
              "batch_sizes": [8], "schedules": ["constant"], "weight_decays": [0.0]}
     cfg = {"space": space, "trials": 3, "coarse_epochs": 1, "coarse_seed": 0,
@@ -81,6 +81,14 @@ def test_a_stratum_whose_values_are_spent_gives_no_repeats():
     run, calls = _fake_run(lambda t, e: t.lr)
     records = coarse_search(run, cfg, "sophon", higher=True)
     assert len(records) == len({r["name"] for r in records}) == len(calls) == 3
+    # A sampler that only repeats itself (no proposals allowed): the stratum's untried configurations, in order.
+    import sophon.search
+
+    monkeypatch.setattr(sophon.search, "ATTEMPTS", 0)
+    wide = {**space, "strategies": ["direct+all"], "batch_sizes": [8, 16]}
+    fallback = coarse_search(_fake_run(lambda t, e: t.lr)[0], {**cfg, "trials": 3, "space": wide}, "sophon", higher=True)
+    ranked = sorted(grid(wide, "sophon"), key=lambda t: sophon.search._rank(t))
+    assert [r["name"] for r in fallback] == [t.name for t in ranked[:3]]
 
 
 def test_candidates_hold_the_best_at_each_epoch_and_by_area():
