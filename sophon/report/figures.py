@@ -102,26 +102,29 @@ def sweep(sweep_summary: dict, path) -> None:
     _save(fig, path)
 
 
-def envelopes(envelope_doc: dict, path, *, ylabel: str, title: str) -> None:
-    """The attacker's envelope per start: best configuration's mean vs fine-tuning epoch, ± std band over seeds."""
+def envelopes(envelope_doc: dict, path, *, ylabel: str, title: str, early: int = 10) -> None:
+    """The attacker's envelope per start: best configuration's mean vs fine-tuning epoch, ± std band over seeds; the
+    red-team suite dashed. Left: every epoch; right: the first `early` epochs, where the starts differ most."""
     starts = envelope_doc["starts"]
     order = [s for s in STARTS if s in starts] + [s for s in starts if s not in STARTS]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for start in order:
-        env = starts[start]
-        mean = np.asarray(env["mean"], dtype=float)
-        std = np.asarray(env["std"], dtype=float)
-        epochs = np.arange(len(mean))
-        color = COLORS.get(start)
-        ax.plot(epochs, mean, color=color, label=LABELS.get(start, start), lw=1.6)
-        ax.fill_between(epochs, mean - std, mean + std, color=ax.lines[-1].get_color(), alpha=0.18, lw=0)
-    for start, attacks in envelope_doc.get("redteam", {}).items():  # the red-team suite, dashed, for comparison
-        for name, attack in attacks.items():
-            mean = attack["vs_envelope"]["mean"]
-            ax.plot(np.arange(len(mean)), mean, ls="--", lw=0.9, alpha=0.8,
-                    label=f"red team: {name} ({LABELS.get(start, start)})")
-    ax.set(title=title, xlabel="fine-tuning epoch", ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=6 if envelope_doc.get("redteam") else 8, loc="best")
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
+    for ax in axes:
+        for start in order:
+            env = starts[start]
+            mean = np.asarray(env["mean"], dtype=float)
+            std = np.asarray(env["std"], dtype=float)
+            epochs = np.arange(len(mean))
+            ax.plot(epochs, mean, color=COLORS.get(start), label=LABELS.get(start, start), lw=1.6)
+            ax.fill_between(epochs, mean - std, mean + std, color=ax.lines[-1].get_color(), alpha=0.18, lw=0)
+        for start, attacks in envelope_doc.get("redteam", {}).items():  # the red-team suite, dashed, for comparison
+            for name, attack in attacks.items():
+                mean = attack["vs_envelope"]["mean"]
+                ax.plot(np.arange(len(mean)), mean, ls="--", lw=0.9, alpha=0.8,
+                        label=f"red team: {name} ({LABELS.get(start, start)})")
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel="fine-tuning epoch")
+    axes[0].set(title=title, ylabel=ylabel)
+    axes[1].set(title=f"the first {early} epochs", xlim=(0, early))
+    axes[0].legend(fontsize=6 if envelope_doc.get("redteam") else 8, loc="best")
     _save(fig, path)
