@@ -136,6 +136,11 @@ def _fmt(value: float, higher: bool) -> str:
     return f"{value:.1f}" if higher else f"{value:.4f}"
 
 
+def _signed(value: float, higher: bool) -> str:
+    """A difference: points to one decimal, MSE to four (so a float's last bits never show)."""
+    return f"{value:+.1f}" if higher else f"{value:+.4f}"
+
+
 def section(e: dict, figure: Path, epochs: list[int]) -> Section:
     """The report section of the attack search."""
     higher = e["higher_is_better"]
@@ -160,11 +165,11 @@ def section(e: dict, figure: Path, epochs: list[int]) -> Section:
                         f"The envelope per start ({e['metric']}, mean ± std over seeds)."))
     if "advantage" in e:
         gains = e["advantage"]["per_epoch"]
-        cells = [f"{gains[x]:+.4g}" for x in shown]
+        cells = [_signed(gains[x], higher) for x in shown]
         rows = [["Sophon − scratch (attacker's gain)", *cells]]
         if "head_start" in e:
-            rows.append(["original − scratch (head start)", *[f"{e['head_start']['per_epoch'][x]:+.4g}" for x in shown]])
-            rows.append(["seeds' spread of the head start", *[f"{e['head_start']['spread'][x]:.3g}" for x in shown]])
+            rows.append(["original − scratch (head start)", *[_signed(e['head_start']['per_epoch'][x], higher) for x in shown]])
+            rows.append(["seeds' spread of the head start", *[_signed(e['head_start']['spread'][x], higher)[1:] for x in shown]])
         if e.get("removed"):
             rows.append(["share of the head start removed",
                          *["–" if e["removed"][x] is None else f"{e['removed'][x]:.0%}" for x in shown]])
@@ -199,9 +204,9 @@ def _redteam_blocks(e: dict) -> list:
                          f"{_fmt(env_check['mean'][1], higher)} ± {_fmt(env_check['std'][1], higher)}",
                          f"{_fmt(env_check['mean'][last], higher)} ± {_fmt(env_check['std'][last], higher)}",
                          "yes" if env_check["covered"] else f"NO: epochs {_epochs(env_check['violations'])}",
-                         f"{env_check['max_excess']:+.4g} (epoch {env_check['epoch']})",
+                         f"{_signed(env_check['max_excess'], higher)} (epoch {env_check['epoch']})",
                          "no" if scratch_check["covered"] else f"YES: epochs {_epochs(scratch_check['violations'])}",
-                         f"{scratch_check['max_excess']:+.4g} (epoch {scratch_check['epoch']})"])
+                         f"{_signed(scratch_check['max_excess'], higher)} (epoch {scratch_check['epoch']})"])
     words = ("Every red-team attack is covered by the search's envelope." if not uncovered else
              f"The search's envelope does NOT cover {len(uncovered)} red-team attack(s): {', '.join(uncovered)}: "
              f"the search missed a stronger attacker, so the envelope verdict is not a worst case.")
