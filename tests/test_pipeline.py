@@ -75,11 +75,16 @@ def test_mlflow_holds_one_run_per_job_grouped_by_invocation(project):
             "select p.value, count(*) from tags c join tags p on p.run_uuid = c.value and p.key = 'sophon.stage' "
             "where c.key = 'mlflow.parentRunId' group by p.value").fetchall())
         best = db.execute("select count(*) from tags where key = 'sophon.best_config'").fetchone()[0]
-    # Every search (4 classification starts, 3 diffusion) is a parent run: its best configuration as a tag and one
-    # nested child per coarse configuration (2) and confirmed configuration × seed (1). The paired grid, the sweep
-    # and the stability study: one parent per job, one child per run.
+    # Every search (3 starts per experiment) is a parent run: its best configuration as a tag and one nested child
+    # per coarse configuration and confirmed configuration × seed (how many were confirmed depends on which won at
+    # each candidate epoch: read from the documents). The paired grid, the sweep, the stability study and the red
+    # team: one parent per job, one child per run.
     cls, gen = params["experiments"][CLS], params["experiments"][GEN]
-    assert best == 7 and children["search"] == 7 * 3
+    searches = [json.loads(p.read_text()) for p in sorted(root.glob("results/*/search/*.json"))]
+    assert best == len(searches) == 6
+    assert children["search"] == sum(_search_runs(doc) for doc in searches)
+    assert children["redteam"] == sum(len(e["redteam"]["attacks"]) * len(e["redteam"]["seeds"]) * len(e["redteam"]["starts"])
+                                      for e in (cls, gen))
     assert children["attack"] == 4 * len(cls["attacks"]) * len(cls["seeds"]) + 3 * len(gen["attacks"]) * len(gen["seeds"])
     assert children["sweep"] == len(cls["sweep"]["lrs"])
     assert children["stability"] == len(gen["stability"]["losses"]) * len(gen["stability"]["seeds"])
@@ -175,6 +180,11 @@ def test_one_state_snakemake_then_dvc_repro(project):
     assert snakemake_jobs(root) == [] and dvc_changed(root) == []
 
 
+def _search_runs(doc: dict) -> int:
+    """The fine-tuning runs a search document stands for: its coarse runs and every confirmed seed."""
+    return len(doc["coarse"]) + sum(len(entry["seeds"]) for entry in doc["confirmed"].values())
+
+
 def test_one_state_edit_then_snakemake(project):
     """The other way round: after a search edit, Snakemake reruns what `dvc status` lists, and leaves dvc.lock clean."""
     root, params, _ = project
@@ -190,7 +200,8 @@ def test_one_state_edit_then_snakemake(project):
     # The per-run cache: configurations the change did not touch were reused, not recomputed.
     for start in ("scratch", "original", "sophon"):
         doc = json.loads((root / "results" / GEN / "search" / f"{start}.json").read_text())
-        assert doc["runs"]["cached"] + doc["runs"]["computed"] == 3 and doc["runs"]["cached"] >= 1, (start, doc["runs"])
+        assert doc["runs"]["cached"] + doc["runs"]["computed"] == _search_runs(doc) and doc["runs"]["cached"] >= 1, (
+            start, doc["runs"])
 
 def test_bad_input_gives_one_line_and_keeps_outputs(project):
     root, params, _ = project
