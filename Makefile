@@ -1,9 +1,11 @@
-# make run   — set up the environment if missing, then run the quick profile end to end (Snakemake)
+# make run   — set up the environment if missing, then run the quick profile end to end (Snakemake);
+#              make run CONFIG=configs/import-example.yaml runs another config instead of params.yaml
 # make test  — set up the environment if missing, then run the test suite (minutes; CI also runs test-e2e)
 # make test-e2e — the end-to-end runs of the whole tiny DAG under Snakemake and DVC (tests marked slow)
 VENV ?= .venv
 CORES ?= 2
 PYTHON ?= python3
+CONFIG ?=
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: run test test-e2e env lint benchmark ablation clean
@@ -17,7 +19,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 run: env
-	snakemake --cores $(CORES)
+	snakemake --cores $(CORES) $(if $(CONFIG),--configfile $(CONFIG))
 	@echo "Reports: reports/*/report.html  (browse runs: mlflow ui --backend-store-uri sqlite:///mlflow.db)"
 
 test: env
