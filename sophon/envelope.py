@@ -26,7 +26,7 @@ class EnvelopeInputError(SophonError, ValueError):
     """Curves handed to the envelope functions are empty or of inconsistent length."""
 
 
-def _oriented(value: float, higher_is_better: bool) -> float:
+def oriented(value: float, higher_is_better: bool) -> float:
     """The value on a larger-is-stronger-attacker scale; NaN becomes -inf so it never wins a comparison."""
     value = float(value)
     if math.isnan(value):
@@ -38,7 +38,7 @@ def _argbest(values: Sequence[float], higher_is_better: bool) -> int:
     """Index of the best value for the attacker, first on ties, NaN never preferred over a finite value."""
     best, best_key = 0, None
     for i, value in enumerate(values):
-        key = _oriented(value, higher_is_better)
+        key = oriented(value, higher_is_better)
         if best_key is None or key > best_key:
             best, best_key = i, key
     return best
@@ -61,7 +61,7 @@ def best_so_far(curve: Sequence[float], higher_is_better: bool) -> list[float]:
     out, best = [], math.nan
     for value in curve:
         value = float(value)
-        if not math.isnan(value) and (math.isnan(best) or _oriented(value, higher_is_better) > _oriented(best, higher_is_better)):
+        if not math.isnan(value) and (math.isnan(best) or oriented(value, higher_is_better) > oriented(best, higher_is_better)):
             best = value
         out.append(best)
     return out
@@ -268,6 +268,6 @@ def slice_table(records: Sequence[Mapping], axis: str, higher_is_better: bool) -
         value = config[axis]
         s = score(record["curve"], higher_is_better)
         cell = best.setdefault(record["start"], {}).get(value)
-        if cell is None or _oriented(s, True) > _oriented(cell["score"], True):
+        if cell is None or oriented(s, True) > oriented(cell["score"], True):
             best[record["start"]][value] = {"score": s, "config": record["name"]}
     return {start: {v: cells[v] for v in sorted(cells, key=_sort_key)} for start, cells in best.items()}

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 from sophon.attacks import AttackSettings, finetune
-from sophon.envelope import best_so_far, score
+from sophon.envelope import best_so_far, oriented, score
 from sophon.io import code_digest, read_json, write_json
 
 SCRATCH = "scratch"
@@ -119,8 +119,7 @@ def best_at(records: list[dict], epoch: int, higher_is_better: bool) -> dict | N
     for record in records:
         if len(record["curve"]) <= epoch:
             continue
-        value = best_so_far(record["curve"], higher_is_better)[epoch]
-        key = -math.inf if value != value else (value if higher_is_better else -value)
+        key = oriented(best_so_far(record["curve"], higher_is_better)[epoch], higher_is_better)
         if best_key is None or key > best_key:
             best, best_key = record, key
     return best
@@ -211,10 +210,6 @@ def cached_finetune(cache: RunCache, build: Callable[[], torch.nn.Module], setti
 
 # --- the search for one start ----------------------------------------------------------------------------------
 
-def _oriented(value: float, higher: bool) -> float:
-    return value if higher else -value
-
-
 def _pruner(halving: dict, coarse_epochs: int):
     import optuna
 
@@ -302,7 +297,7 @@ def coarse_search(run: Callable, cfg: dict, start: str, higher: bool) -> list[di
         held = [-math.inf]  # the best quality the run holds so far (its best checkpoint), oriented
 
         def keep_going(epoch: int, value: float, handle=handle, held=held) -> bool:
-            held[0] = max(held[0], _oriented(value, higher) if value == value else -math.inf)
+            held[0] = max(held[0], oriented(value, higher))
             handle.report(held[0] if math.isfinite(held[0]) else -1e9, epoch)
             return not handle.should_prune()
 
