@@ -124,6 +124,8 @@ def envelopes(envelope_doc: dict, path, *, ylabel: str, title: str, early: int =
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel="fine-tuning epoch")
+        if envelope_doc.get("higher_is_better") is False:  # MSE: the starts differ by factors, not points
+            ax.set_yscale("log")
     axes[0].set(title=title, ylabel=ylabel)
     axes[1].set(title=f"the first {early} epochs", xlim=(0, early))
     axes[0].legend(fontsize=6 if envelope_doc.get("redteam") else 8, loc="best")
