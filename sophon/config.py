@@ -108,6 +108,9 @@ def _check_names(config: dict, source: str) -> None:
         if exp["restricted"].get("checkpoint") is not None:
             raise ConfigError(f"{source}: key '{at}.restricted.checkpoint': only the original model can be imported "
                               f"(set {at}.original.checkpoint)")
+        if exp["original"].get("adversary_samples") is not None:
+            raise ConfigError(f"{source}: key '{at}.original.adversary_samples': the adversary's data is restricted-"
+                              f"domain data (set {at}.restricted.adversary_samples)")
         for section in ("original", "restricted"):
             name = exp[section]["domain"]
             if name not in domain_names():

@@ -81,6 +81,8 @@ def test_shipped_profiles_validate_and_fill_defaults():
     (lambda c: C(c)["search"].update(starts=["scratch"]), f"key '{CLS}.search.starts.0' = scratch"),
     (lambda c: G(c)["search"].update(starts=["ntl", "sophon"]), f"key '{GEN}.search.starts' = ntl"),
     (lambda c: C(c)["search"].update(trials=-1), f"key '{CLS}.search.trials' = -1"),
+    (lambda c: C(c)["restricted"].update(adversary_samples=1), f"key '{CLS}.restricted.adversary_samples' = 1"),
+    (lambda c: C(c)["original"].update(adversary_samples=100), f"key '{CLS}.original.adversary_samples'"),
 ])
 def test_bad_values_name_the_key(change, expected):
     config = base()

@@ -67,3 +67,19 @@ def test_split_parts_round_trip_and_hash_check(tmp_path):
         raise AssertionError("a tampered split part must not load")
     except CheckpointError as err:
         assert "does not match the hash" in str(err)
+
+
+def test_adversary_samples_caps_the_adversary_half_class_stratified_and_disjoint_from_the_defender():
+    request = DomainRequest(size=16, seed=0)
+    restricted = {"domain": "digits", "train_samples": 200, "test_samples": 50}
+    full = make_splits({"domain": "shapes10", "options": {"n": 100}}, restricted, request, seed=0)
+    capped = make_splits({"domain": "shapes10", "options": {"n": 100}}, {**restricted, "adversary_samples": 40},
+                         request, seed=0)
+    assert len(capped["adversary"]) == 40 and len(capped["defender"]) == len(full["defender"]) == 100
+    assert torch.equal(capped["defender"].images, full["defender"].images)
+    counts = torch.bincount(capped["adversary"].labels, minlength=10)
+    assert counts.min() >= 3 and counts.max() <= 5  # 4 of each digit, ±1
+    # Every kept image is one of the full adversary half's, none of the defender's.
+    kept = {bytes(x.numpy()) for x in capped["adversary"].images}
+    assert kept <= {bytes(x.numpy()) for x in full["adversary"].images}
+    assert not kept & {bytes(x.numpy()) for x in capped["defender"].images}

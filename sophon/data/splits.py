@@ -1,6 +1,7 @@
 """The split stage's core (paper §5.1.4): the restricted training data is split into two equal, disjoint,
 class-stratified, seeded halves — the defender's (Sophon, NTL) and the adversary's (attacks) — beside a
-separate test set. Parts are safetensors files (uint8 images + labels) with a manifest of their hashes;
+separate test set. `adversary_samples` caps the adversary's half (a class-stratified sample of it): how much
+labelled data the attacker has is a setting of the threat model. Parts are safetensors files (uint8 images + labels) with a manifest of their hashes;
 for real datasets the manifest also records the index lists into the source split."""
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def make_splits(original: dict, restricted: dict, request: DomainRequest, seed: 
             parts["original_train"], parts["original_test"] = train, test
         else:
             defender, adversary = stratified_halves(train.labels, seed)
+            if section.get("adversary_samples"):
+                adversary = adversary[stratified_sample(train.labels[adversary], section["adversary_samples"], seed)]
             parts["defender"], parts["adversary"], parts["restricted_test"] = (
                 train.subset(defender), train.subset(adversary), test)
     return parts
