@@ -12,6 +12,7 @@ import shutil
 import time
 
 from sophon import layout
+from sophon.basin import connectivity
 from sophon.io import config_hash, write_json
 from sophon.protect import ProtectSettings, protect, variant_name
 from sophon.tasks import load_model, task_of
@@ -36,6 +37,7 @@ def main() -> None:
         exp, "original_train", "original_val", "original_test", "defender", "restricted_test")
     model, card = load_model(exp, "original", device)
     seed_everything(cfg["seed"])
+    original_weights = {n: t.detach().clone() for n, t in model.state_dict().items()}
     settings = protect_settings(exp)
     # A killed run resumes from its last saved state when nothing that determines the run has changed.
     state_key = config_hash({"settings": dataclasses.asdict(settings), "seed": cfg["seed"], "task": exp["task"],
@@ -55,10 +57,15 @@ def main() -> None:
         metrics = {f"original_test_{quality}": objective.quality(model, original_test, device),
                    f"restricted_test_{quality}": objective.quality(model, restricted_test, device)}
         seconds = time.perf_counter() - began
+        # How far the release sits from the original's basin: the loss along the line between the two weights.
+        basin = connectivity(model, original_weights, objective, restricted_test, original_test)
         tracked.log_metrics({**metrics, "rollbacks": history.rollbacks, "nonfinite_loops": history.nonfinite,
-                             "seconds": seconds})
+                             "seconds": seconds, "basin_barrier_restricted": basin["restricted"]["barrier"],
+                             "basin_barrier_original": basin["original"]["barrier"],
+                             "basin_distance_relative": basin["distance"]["relative"]})
         write_json(layout.history(name, "sophon"), {"settings": dataclasses.asdict(settings),
-                                                    **dataclasses.asdict(history), **metrics, "seconds": seconds})
+                                                    **dataclasses.asdict(history), **metrics, "seconds": seconds,
+                                                    "basin": basin})
         variant = variant_name(settings, cfg.get("suppress_timesteps"), cfg["suppression"])
         tracked.set_tag("sophon.variant", variant)
         task.save(model, exp, "sophon", "sophon", {**metrics, "suppression": cfg["suppression"], "variant": variant,

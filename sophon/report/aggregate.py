@@ -133,7 +133,8 @@ def training_summary(sophon_history: dict | None, ntl_history: dict | None) -> d
                          "rollbacks": sophon_history.get("rollbacks", 0), "nonfinite": sophon_history.get("nonfinite", 0),
                          "checks": len(sophon_history.get("checks", [])),
                          "original_accuracy": sophon_history.get("original_test_accuracy"),
-                         "restricted_accuracy": sophon_history.get("restricted_test_accuracy")}
+                         "restricted_accuracy": sophon_history.get("restricted_test_accuracy"),
+                         "basin": sophon_history.get("basin")}
     if ntl_history is not None:
         out["ntl"] = {"settings": ntl_history.get("settings", {}), "steps": len(ntl_history.get("loss", [])),
                       "original_accuracy": ntl_history.get("original_test_accuracy"),

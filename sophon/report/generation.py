@@ -18,7 +18,7 @@ from sophon.tasks import TASKS  # noqa: E402
 GEN_STARTS = TASKS["diffusion"].starts
 from sophon.report.figures import _save, draw_checks  # noqa: E402
 from sophon.report.aggregate import STD_NOTE, ReportInputError, curve_stats, mean_std  # noqa: E402
-from sophon.report.render import Bullets, Document, Image, Section, Table  # noqa: E402
+from sophon.report.render import Bullets, Document, Image, Section, Table, basin_sentence  # noqa: E402
 
 LABELS = {"scratch": "train from scratch (B1)", "original": "fine-tune original (B2)", "sophon": "fine-tune Sophon"}
 ROW_NAMES = {"scratch": "Train from scratch", "original": "Original model", "sophon": "Sophon model"}
@@ -62,7 +62,7 @@ def summarize(*, experiment: str, seeds: list[int], attacks: dict[str, dict], cu
     for name, history in histories.items():
         summary["training"][name] = {k: history[k] for k in ("original_test_mse", "original_val_mse",
                                                              "restricted_test_mse", "seconds", "rollbacks",
-                                                             "nonfinite", "settings") if k in history}
+                                                             "nonfinite", "settings", "basin") if k in history}
         if "loop" in history:
             summary["training"][name]["loops"] = len(history["loop"])
     summary["timings"] = _timings(histories, curves, stability)
@@ -334,6 +334,7 @@ def build_document(summary: dict, epochs, images: dict[str, Path], notes: list[s
         sections.append(Section("Sophon protection run", [
             f"Loops: {t.get('loops')}; rollbacks: {t.get('rollbacks')}; loops with a non-finite suppression loss: "
             f"{t.get('nonfinite')}; restricted test MSE before fine-tuning {_fmt(t.get('restricted_test_mse'))}.",
+            basin_sentence(t.get("basin")),
             Table(["Setting", "Value"], [[k, str(v)] for k, v in t.get("settings", {}).items()]),
             Image(images["protect_history"], "Sophon protection history")]))
     timing_rows = []

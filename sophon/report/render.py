@@ -140,6 +140,7 @@ def build_document(summary: dict, epochs, images: dict[str, Path]) -> Document:
             f"Loops: {t['loops']}; rollbacks: {t['rollbacks']}; loops with a non-finite suppression loss (update "
             f"skipped): {t['nonfinite']}; quality checks: {t['checks']}. Final original-domain accuracy "
             f"{t['original_accuracy']:.2f}%, restricted-domain accuracy before fine-tuning {t['restricted_accuracy']:.2f}%.",
+            basin_sentence(t.get("basin")),
             _key_values(t["settings"]), Image(images["protect_history"], "Sophon protection history")]))
     if "ntl" in training:
         t = training["ntl"]
@@ -147,6 +148,18 @@ def build_document(summary: dict, epochs, images: dict[str, Path]) -> Document:
             f"{t['steps']} steps. Original-domain accuracy {t['original_accuracy']:.2f}%, restricted-domain accuracy "
             f"before fine-tuning {t['restricted_accuracy']:.2f}%.", _key_values(t["settings"])]))
     return Document(f"Sophon report: {summary['experiment']}", sections)
+
+
+def basin_sentence(basin: dict | None) -> str:
+    """Linear-mode connectivity of the release to the original weights (sophon.basin), in one sentence."""
+    if not basin:
+        return "Linear-mode connectivity to the original weights: not measured (a protect run before it was added)."
+    r, o = basin["restricted"], basin["original"]
+    return (f"Linear-mode connectivity to the original weights (loss along the line released → original, "
+            f"{len(r['alphas'])} points): restricted-domain loss {r['losses'][0]:.4g} → {r['losses'][-1]:.4g}, barrier "
+            f"{r['barrier']:.4g} (above the chord; ≤ 0: one basin); original-domain loss {o['losses'][0]:.4g} → "
+            f"{o['losses'][-1]:.4g}, barrier {o['barrier']:.4g}; distance {basin['distance']['relative']:.3f} × "
+            f"‖θ_original‖.")
 
 
 # ---- renderers ----------------------------------------------------------------------------------------------------
