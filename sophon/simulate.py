@@ -17,13 +17,16 @@ gradient is taken. Off (None), nothing else runs.
 
 Several adversaries at once (`AdversaryBatch`, `run_adversaries`): adversaries that train the same tensors with the
 same optimiser, lr, batch size, schedule and horizon are stacked, every parameter and buffer a [K, ...] tensor, and
-`torch.func.vmap` over `functional_call` runs their K forward passes as one; the sum of their K losses gives each its
-own gradient in its slice, and one optimiser over the stacked tensors makes K independent updates, since every
-optimiser of sophon.optim is elementwise with scalar hyperparameters (`optim.ELEMENTWISE`; the simulation clips
-nothing). Batch-norm running statistics are stacked buffers, updated per slice under vmap. A group needs an objective
-whose losses draw no random numbers (classification; diffusion draws noise inside the loss) and no depth term; the
-others run one at a time. Each adversary's batches are drawn before any runs, in the order the one-at-a-time path
-draws them, so both paths see the same batches and give the same results to float rounding.
+one forward pass computes their K losses; the sum of the K losses gives each its own gradient in its slice, and one
+optimiser over the stacked tensors makes K independent updates, since every optimiser of sophon.optim is elementwise
+with scalar hyperparameters (`optim.ELEMENTWISE`; the simulation clips nothing). Batch-norm running statistics are
+stacked buffers, updated per slice. The forward pass is the network folded K-fold along its channels (`sophon.fold`:
+grouped convolutions, K·C-channel batch norms; views of the stacked tensors), or `torch.func.vmap` over
+`functional_call` (`engine="vmap"`: any network, but measured slower than one at a time on CPU, so protect uses the
+fold only). A group needs a foldable network, an objective whose losses draw no random numbers (classification;
+diffusion draws noise inside the loss) and no depth term; the others run one at a time. Each adversary's batches are
+drawn before any runs, in the order the one-at-a-time path draws them, so both paths see the same batches and give
+the same results to float rounding.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from torch.func import functional_call, vmap
 
 from sophon.data import ImageSet
 from sophon.errors import ConfigError
+from sophon.fold import fold_model, fold_plan, fold_tensors, foldable
 from sophon.objectives import Objective
 from sophon.optim import ELEMENTWISE, make_optimizer, make_schedule
 from sophon.train import endless_batches
@@ -221,11 +225,14 @@ def batch_key(adversary: Adversary) -> tuple | None:
 
 class AdversaryBatch:
     """K adversaries of one `batch_key` run as one: their weights, buffers and optimiser state stacked along a first
-    dimension of size K, their forward passes one `vmap`. Built from fresh adversaries (before their first run); from
-    then on it holds their state (`params[name][k]` is adversary k's). `run` gives each its own `SimulationResult`,
+    dimension of size K, their forward passes one pass of the K-fold network (sophon.fold; or one `torch.func.vmap`,
+    `engine="vmap"`, any network). Built from fresh adversaries (before their first run); from then on it holds their
+    state (`params[name][k]` is adversary k's). `run` gives each its own `SimulationResult`,
     equal to what `Adversary.run` gives it to float rounding."""
 
-    def __init__(self, adversaries: list[Adversary]):
+    def __init__(self, adversaries: list[Adversary], engine: str = "fold"):
+        if engine not in ("fold", "vmap"):
+            raise ValueError(f"engine {engine!r} is not fold or vmap")
         keys = {batch_key(a) for a in adversaries}
         if None in keys or len(keys) != 1:
             raise ValueError("an AdversaryBatch needs adversaries of one batch key")
@@ -233,7 +240,10 @@ class AdversaryBatch:
             raise ValueError("an AdversaryBatch is built from adversaries that have not run yet")
         first = adversaries[0]
         self.adversaries, self.model, self.objective = adversaries, first.model, first.objective
-        self.trained = first.trained
+        self.trained, self.engine = first.trained, engine
+        self.folded = fold_model(first.model, len(adversaries)) if engine == "fold" else None
+        self.plan = fold_plan(first.model) if engine == "fold" else None
+        self.checked = False  # the folded forward is checked against the network's own at its first call
         names = list(first.params)
         self.params = {n: torch.stack([a.params[n].detach() for a in adversaries]).requires_grad_(n in self.trained)
                        for n in names}
@@ -249,11 +259,38 @@ class AdversaryBatch:
     def _losses(self, loss_fn, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """[K] losses of the K adversaries, adversary k on images[k], labels[k]."""
         model, generator = self.model, self.adversaries[0].generator
+        if self.engine == "vmap":
+            def one(params, buffers, x, y):
+                return loss_fn(lambda *args: functional_call(model, (params, buffers), args), x, y, generator)
 
-        def one(params, buffers, x, y):
-            return loss_fn(lambda *args: functional_call(model, (params, buffers), args), x, y, generator)
+            return vmap(one)(self.params, self.buffers, images, labels)
+        # The fold: copy k's input channels at [k·C, (k+1)·C); each loss gets its copy's logits (the objective's
+        # loss calls its forward once, on the batch's model input).
+        count = len(self.adversaries)
+        inputs = [self.objective.model_inputs(images[k], generator) for k in range(count)]
+        if any(len(i) != 1 for i in inputs):
+            raise ValueError("the fold takes networks of one input")
+        x = torch.cat([i[0] for i in inputs], dim=1)
+        logits = functional_call(self.folded, fold_tensors({**self.params, **self.buffers}, self.plan), (x,))
+        for b in self.buffers.values():
+            if b.dim() == 1:  # a batch count: the folded network counted in copy 0's
+                b[1:] = b[0]
+        logits = logits.view(len(x), count, -1)
+        if not self.checked:
+            self._check(inputs[0], logits[:, 0])
+        return torch.stack([loss_fn(lambda *_, k=k: logits[:, k], images[k], labels[k], generator)
+                            for k in range(count)])
 
-        return vmap(one)(self.params, self.buffers, images, labels)
+    @torch.no_grad()
+    def _check(self, inputs: tuple, folded: torch.Tensor) -> None:
+        """Copy 0's folded output against the network's own at its weights (copies of its buffers): a forward pass
+        whose own code mixes channels would make the fold wrong."""
+        own = functional_call(self.model, ({n: p[0] for n, p in self.params.items()},
+                                           {n: b[0].clone() for n, b in self.buffers.items()}), inputs)
+        if not torch.allclose(own, folded.detach(), rtol=1e-3, atol=1e-4 * (1 + own.abs().max().item())):
+            raise RuntimeError(f"the K-fold of {type(self.model).__name__} does not compute what it computes (its "
+                               f"forward mixes channels?): set sophon.batched: false")
+        self.checked = True
 
     @torch.no_grad()
     def follow(self) -> None:
@@ -310,9 +347,10 @@ class AdversaryBatch:
 
 
 def group_adversaries(adversaries: list[Adversary], batched: bool = True) -> list[Adversary | AdversaryBatch]:
-    """The runners of `adversaries`: with `batched`, an `AdversaryBatch` for every two or more of one `batch_key`
-    (in the order of their first member), the rest one at a time."""
-    if not batched:
+    """The runners of `adversaries`: with `batched`, an `AdversaryBatch` (the fold) for every two or more of one
+    `batch_key` (in the order of their first member), the rest one at a time; all one at a time where the network is
+    not foldable (the vmap engine would be slower than that)."""
+    if not batched or not adversaries or not foldable(adversaries[0].model):
         return list(adversaries)
     groups: dict = {}
     for index, adversary in enumerate(adversaries):

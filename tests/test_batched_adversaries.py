@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sophon.data import DomainRequest, load_domain
+from sophon.fold import fold_model, fold_plan, fold_tensors, foldable
 from sophon.models import build_classifier
 from sophon.objectives import ClassificationObjective
 from sophon.protect import ProtectSettings, protect, variant_name
@@ -44,8 +45,8 @@ def close(a, b, rtol):
     return (a - b).norm() <= rtol * a.norm() + 1e-12
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "momentum"])
-def test_batched_adversaries_equal_one_at_a_time(digits, optimizer, rtol=1e-5):
+@pytest.mark.parametrize("optimizer,engine", [("adam", "fold"), ("momentum", "fold"), ("adam", "vmap")])
+def test_batched_adversaries_equal_one_at_a_time(digits, optimizer, engine, rtol=1e-5):
     net = model()
     lr = {"adam": 1e-3, "momentum": 1e-2}[optimizer]
     # direct+all and initFC+all train the same tensors: one batch, the head's start and targets per adversary.
@@ -54,7 +55,7 @@ def test_batched_adversaries_equal_one_at_a_time(digits, optimizer, rtol=1e-5):
     alone = adversaries(net, digits, tasks)
     runners = group_adversaries(adversaries(net, digits, tasks))
     assert len(runners) == 1 and isinstance(runners[0], AdversaryBatch)
-    batch = runners[0]
+    batch = runners[0] if engine == "fold" else AdversaryBatch(adversaries(net, digits, tasks), engine="vmap")
     for loop in range(2):  # two runs of persistent adversaries: the second follows a change of the released weights
         # The same batches for both, drawn once: the comparison does not rest on the generators agreeing.
         drawn = [a.draw(4, 2) for a in alone]
@@ -153,3 +154,42 @@ def test_protect_batched_equals_one_at_a_time_and_keeps_the_variant_name(digits,
     for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
         assert close(b, a, 1e-8), name
     assert variant_name(ProtectSettings(batched=False)) == variant_name(ProtectSettings()) == "paper"
+
+
+def test_the_fold_computes_each_copy_and_refuses_what_mixes_channels():
+    net = model(torch.float32).train()
+    assert foldable(net)
+    stacked = {n: torch.stack([p.detach() + 0.01 * k for k in range(3)]) for n, p in net.named_parameters()}
+    buffers = {n: torch.stack([b.clone() for _ in range(3)]) for n, b in net.named_buffers()}
+    before = {n: b.clone() for n, b in buffers.items()}
+    x = torch.rand(3, 4, 3, 16, 16)
+    folded = fold_model(net, 3)
+    out = torch.func.functional_call(folded, fold_tensors({**stacked, **buffers}, fold_plan(net)),
+                                     (torch.cat(list(x), dim=1),)).view(4, 3, -1)
+    for k in range(3):
+        own_buffers = {n: b[k].clone() for n, b in before.items()}
+        own = torch.func.functional_call(net, ({n: p[k] for n, p in stacked.items()}, own_buffers), (x[k],))
+        torch.testing.assert_close(out[:, k], own, rtol=1e-4, atol=1e-5)
+        for n, b in own_buffers.items():
+            if b.dim():  # running statistics, each copy its own
+                torch.testing.assert_close(buffers[n][k], b, rtol=1e-4, atol=1e-6)
+    assert not foldable(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.LayerNorm([4, 14, 14])))
+    assert not foldable(torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=None)))
+
+
+def test_a_forward_that_mixes_channels_is_caught(digits):
+    class Mixing(torch.nn.Module):  # foldable layers, but its own code mixes channels
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.fc = torch.nn.Linear(4, 10)
+
+        def forward(self, x):
+            x = self.conv(x)
+            return self.fc(x.mean((2, 3)) - x.mean((1, 2, 3))[:, None])
+
+    tasks = [SimulatedTask("direct", "adam", 1e-3, 16, seed=1), SimulatedTask("direct", "adam", 1e-3, 16, seed=2)]
+    runners = group_adversaries(adversaries(Mixing(), digits, tasks))
+    assert isinstance(runners[0], AdversaryBatch)
+    with pytest.raises(RuntimeError, match="batched: false"):
+        runners[0].run(1, 1)
