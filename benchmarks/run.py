@@ -109,7 +109,8 @@ def report_adversaries(results: dict, args) -> None:
     summary.update(threads=args.threads, torch=torch.__version__)
     Path(__file__).with_name("results_adversaries.json").write_text(json.dumps(summary, indent=2) + "\n")
     def cell(v, unit=""):
-        return f"{v['median']:.{2 if unit else 1}f}{unit} ({v['min']:.{2 if unit else 1}f}–{v['max']:.{2 if unit else 1}f}{unit})"
+        digits = 2 if unit else 1
+        return f"{v['median']:.{digits}f}{unit} ({v['min']:.{digits}f}–{v['max']:.{digits}f}{unit})"
 
     print("| K, inner batch | batched (fold) steps/s | one at a time steps/s | fold / one at a time, per repeat "
           "| vmap / one at a time, per repeat |")

@@ -28,8 +28,9 @@ class GroupedLinear(nn.Module):
     def __init__(self, copies: int, linear: nn.Linear):
         super().__init__()
         self.copies = copies
-        self.weight = nn.Parameter(linear.weight.detach().repeat(copies, 1))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().repeat(copies))
+        out, width = linear.weight.shape
+        self.weight = nn.Parameter(torch.empty(copies * out, width, device="meta"))
+        self.bias = None if linear.bias is None else nn.Parameter(torch.empty(copies * out, device="meta"))
 
     def forward(self, x):
         k = self.copies
@@ -75,16 +76,17 @@ def foldable(model: nn.Module) -> bool:
 
 
 def fold_model(model: nn.Module, copies: int) -> nn.Module:
-    """A copy of `model` whose layers take K = `copies` times the channels (module docstring)."""
-    folded = copy.deepcopy(model)
+    """A copy of `model` whose layers take K = `copies` times the channels (module docstring). Its own tensors are on
+    the meta device (no memory): it runs with `torch.func.functional_call` and `fold_tensors`."""
+    folded = copy.deepcopy(model).to("meta")
     for name, module in list(folded.named_modules()):
         if isinstance(module, nn.Conv2d):
             new = nn.Conv2d(module.in_channels * copies, module.out_channels * copies, module.kernel_size,
                             module.stride, module.padding, module.dilation, module.groups * copies,
-                            module.bias is not None, module.padding_mode)
+                            module.bias is not None, module.padding_mode, device="meta")
         elif isinstance(module, nn.BatchNorm2d):
             new = nn.BatchNorm2d(module.num_features * copies, module.eps, module.momentum, module.affine,
-                                 module.track_running_stats)
+                                 module.track_running_stats, device="meta")
         elif isinstance(module, nn.Linear):
             new = GroupedLinear(copies, module)
         else:
