@@ -1,6 +1,6 @@
 """Throughput benchmarks of the core's hot loops (not tests): median and spread over repeats.
 
-    python benchmarks/run.py [--repeats 5] [--threads 2]
+    python benchmarks/run.py [--repeats 5] [--threads 2] [--only adversaries]
 
 Measures, at the quick profile's sizes: a training step of the classifier (the attack and pretrain loop),
 one Sophon outer loop (fine-tuning simulation + suppression + reinforcement), the fine-tuning simulation's
@@ -8,6 +8,13 @@ throughput against plain training of the same model at the same batch (images/s 
 the protect stage's cost is this simulation; also its inner steps alone, without the suppression passes),
 and one diffusion UNet training step. Writes
 benchmarks/results.json and prints a table.
+
+`--only adversaries` runs only the batched-adversary section (writes benchmarks/results_adversaries.json): K = 1, 2,
+4, 8 simulated adversaries of one batch key (direct+all, Adam 1e-3) at the quick profile's inner batch sizes (32,
+64), 10 inner steps evaluated every 4 (the quick profile's; eval batch 64), run as one `AdversaryBatch` (the K-fold
+network; at K = 4 also its torch.func.vmap engine) against one at a time on the same batches: simulated
+adversary-steps per second (K × 10 / seconds, the suppression passes included), the paths alternating within each
+repeat (which goes first alternates too), the ratio per repeat.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from sophon.models import build_classifier  # noqa: E402
 from sophon.objectives import ClassificationObjective  # noqa: E402
 from sophon.optim import make_optimizer  # noqa: E402
 from sophon.protect import ProtectSettings, protect  # noqa: E402
-from sophon.simulate import SimulatedTask, simulate_finetune  # noqa: E402
+from sophon.simulate import Adversary, AdversaryBatch, SimulatedTask, simulate_finetune  # noqa: E402
 from sophon.train import endless_batches, to_input  # noqa: E402
 
 
@@ -50,13 +57,83 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
+def batched_adversaries(digits, repeats: int, ks=(1, 2, 4, 8), batch_sizes=(32, 64), steps: int = 10,
+                        eval_every: int = 4, vmap_ks=(4,)) -> dict:
+    """Adversary-steps per second, batched against one at a time (module docstring); {"K=.. batch=..": {...}}."""
+    model = build_classifier("test_resnet", 10)
+    objective = ClassificationObjective("ice")
+    half_a, half_b = digits.subset(range(500)), digits.subset(range(500, 1000))
+
+    def timed_run(k: int, batch: int, mode: str) -> float:
+        generator = torch.Generator().manual_seed(0)
+        adversaries = [Adversary(model, objective, SimulatedTask("direct", "adam", 1e-3, batch, seed=i), half_a,
+                                 half_b, total_steps=steps, eval_batch_size=64, generator=generator)
+                       for i in range(k)]
+        drawn = [a.draw(steps, eval_every) for a in adversaries]  # made and drawn outside the clock
+        batched = AdversaryBatch(adversaries, engine=mode) if mode != "alone" else None
+        began = time.perf_counter()
+        if batched is not None:
+            batched.run(steps, eval_every, drawn=drawn)
+        else:
+            for adversary, batches in zip(adversaries, drawn):
+                adversary.run(steps, eval_every, drawn=batches)
+        return time.perf_counter() - began
+
+    out = {}
+    for batch in batch_sizes:
+        for k in ks:
+            modes = ["fold", "alone"] + (["vmap"] if k in vmap_ks else [])
+            for mode in modes:
+                timed_run(k, batch, mode)  # warm-up
+            runs = {mode: [] for mode in modes}
+            for r in range(repeats):
+                for mode in (modes if r % 2 == 0 else modes[::-1]):  # alternate, and which goes first
+                    runs[mode].append(k * steps / timed_run(k, batch, mode))
+            row = {"batched": runs["fold"], "one_at_a_time": runs["alone"],
+                   "ratio": [b / a for b, a in zip(runs["fold"], runs["alone"])]}
+            if "vmap" in runs:
+                row.update(vmap=runs["vmap"], vmap_ratio=[b / a for b, a in zip(runs["vmap"], runs["alone"])])
+            out[f"K={k} batch={batch}"] = row
+            med = {name: statistics.median(v) for name, v in row.items()}
+            print(f"K={k} batch={batch}: batched {med['batched']:.1f} steps/s, one at a time "
+                  f"{med['one_at_a_time']:.1f}, ratio {med['ratio']:.2f}×"
+                  + (f"; vmap {med['vmap']:.1f} ({med['vmap_ratio']:.2f}×)" if "vmap" in med else ""), flush=True)
+    return out
+
+
+def report_adversaries(results: dict, args) -> None:
+    def stats(v):
+        return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
+
+    summary = {name: {kind: stats(v) for kind, v in row.items()} for name, row in results.items()}
+    summary.update(threads=args.threads, torch=torch.__version__)
+    Path(__file__).with_name("results_adversaries.json").write_text(json.dumps(summary, indent=2) + "\n")
+    def cell(v, unit=""):
+        digits = 2 if unit else 1
+        return f"{v['median']:.{digits}f}{unit} ({v['min']:.{digits}f}–{v['max']:.{digits}f}{unit})"
+
+    print("| K, inner batch | batched (fold) steps/s | one at a time steps/s | fold / one at a time, per repeat "
+          "| vmap / one at a time, per repeat |")
+    print("|---|---|---|---|---|")
+    for name, row in summary.items():
+        if isinstance(row, dict):
+            vmap = cell(row["vmap_ratio"], "×") if "vmap_ratio" in row else "–"
+            print(f"| {name} | {cell(row['batched'])} | {cell(row['one_at_a_time'])} | {cell(row['ratio'], '×')} "
+                  f"| {vmap} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", choices=["adversaries"], help="run only this section")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.only == "adversaries":
+        digits = load_domain("mnist5k", DomainRequest(size=28)).subset(range(1000))
+        report_adversaries(batched_adversaries(digits, args.repeats), args)
+        return
     shapes = load_domain("shapes10", DomainRequest(size=28, options={"n": 2000}))
     digits = load_domain("mnist5k", DomainRequest(size=28)).subset(range(1000))
     model = build_classifier("test_resnet", 10)
@@ -132,6 +209,8 @@ def main() -> None:
         results["unet16_step_batch64_images_per_s"] = [64 / s for s in timed(unet_step, args.repeats * 2)]
     except ImportError:
         pass
+    adversaries = batched_adversaries(digits, args.repeats)
+    report_adversaries(adversaries, args)
     summary = {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)} for name, v in results.items()}
     # A difference of two timings is noisy per pair; the ratio of the medians is the stable figure.
     summary["inner_steps_only_simulation_over_plain"] = (summary["plain_extra_steps_s"]["median"]

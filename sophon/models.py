@@ -83,7 +83,10 @@ class Classifier(nn.Module):
 
     def _normalize(self, x):
         x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+        # Under torch.func.vmap (sophon.simulate.AdversaryBatch) a batched tensor cannot be asked for a memory format.
+        if x.ndim != 4 or torch._C._functorch.is_batchedtensor(x):
+            return x
+        return x.contiguous(memory_format=torch.channels_last)
 
     def forward(self, x):
         return self.net(self._normalize(x))

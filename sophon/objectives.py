@@ -20,6 +20,7 @@ Forward = Callable[..., torch.Tensor]
 
 class Objective(Protocol):
     higher_is_better: bool
+    losses_draw: bool  # whether finetune_loss/suppression_loss draw from the generator (absent: assumed True)
 
     def finetune_loss(self, forward: Forward, images, labels, generator) -> torch.Tensor: ...
 
@@ -34,6 +35,7 @@ class ClassificationObjective:
     """Cross-entropy for fine-tuning and reinforcement; ICE or KLU (or −CE) for suppression; accuracy."""
 
     higher_is_better = True
+    losses_draw = False  # its losses draw no random numbers: adversaries can run batched (sophon.simulate)
 
     def __init__(self, suppression: str = "ice", device: torch.device | None = None):
         self.suppress = get_loss(suppression)

@@ -18,6 +18,10 @@ OPTIMIZERS = {
     "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd, foreach=True),
     "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=True),
 }
+# Optimisers whose update of a tensor is elementwise with scalar hyperparameters (no norms, no clipping, no
+# per-tensor statistics): one over K stacked tensors makes K independent updates (sophon.simulate.AdversaryBatch).
+# Something like LBFGS, LAMB/LARS (per-tensor trust ratios) or Adafactor (factored row/column statistics) would not be.
+ELEMENTWISE = frozenset({"sgd", "momentum", "nesterov", "adagrad", "adadelta", "adam", "adamw"})
 SCHEDULES = ("constant", "cosine")
 WARMUP_FRACTION = 0.05  # of all steps, at least one: the warm-up of the cosine schedule
 

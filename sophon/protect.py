@@ -40,7 +40,7 @@ from sophon.features import STAGE_SELECTIONS, feature_stages, stage_features
 from sophon.io import read_state, write_state
 from sophon.losses import mmd_to_noise
 from sophon.objectives import Objective
-from sophon.simulate import START_ALIASES, Adversary, sample_task
+from sophon.simulate import START_ALIASES, Adversary, group_adversaries, run_adversaries, sample_task
 from sophon.train import endless_batches, progress
 
 log = logging.getLogger("sophon.protect")
@@ -55,6 +55,7 @@ class ProtectSettings:
     tasks_per_loop: int = 1
     inner_steps: int = 20
     persist_loops: int = 1  # outer loops a simulated adversary lives (1: a fresh one every loop, the paper)
+    batched: bool = True  # speed only: run adversaries of one optimiser/lr/batch/schedule as one (sophon.simulate)
     eval_every: int = 2
     eval_batch_size: int = 128
     natural_steps: int = 2
@@ -230,18 +231,18 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
 
     bar = progress(range(first, settings.loops + 1), initial=first - 1, total=settings.loops, desc="protect",
                    unit="loop")
-    adversaries: list[Adversary] = []
+    adversaries: list = []  # the runners: an Adversary, or several as one sophon.simulate.AdversaryBatch
     for loop in bar:
         # Fine-tuning suppression: each adversary splits the defender data afresh into fine-tune / eval halves.
         # With persist_loops > 1 the adversaries of loop 1, 1 + persist_loops, ... fine-tune on for that many loops.
         model.train()
         if (loop - 1) % settings.persist_loops == 0 or not adversaries:
-            adversaries = [new_adversary() for _ in range(settings.tasks_per_loop)]
+            adversaries = group_adversaries([new_adversary() for _ in range(settings.tasks_per_loop)],
+                                            settings.batched)
         total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
         losses, adapted_depth = [], []
-        for adversary in adversaries:
-            result = adversary.run(settings.inner_steps, settings.eval_every, settings.step_weighting,
-                                   settings.late_weight)
+        for result in run_adversaries(adversaries, settings.inner_steps, settings.eval_every,
+                                      settings.step_weighting, settings.late_weight):
             for name, grad in result.grads.items():
                 total[name] += grad / settings.tasks_per_loop
             losses.append(result.suppression_loss)

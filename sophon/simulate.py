@@ -14,26 +14,42 @@ Suppression at depth at the adapted weights (`sophon.protect.DepthTerm`, `depth.
 point the depth term of the same held-out batch, taken at the adapted weights (with a copy of their buffers, so the
 simulation's batch-norm statistics are not touched), is added to the suppression loss before the first-order
 gradient is taken. Off (None), nothing else runs.
+
+Several adversaries at once (`AdversaryBatch`, `run_adversaries`): adversaries that train the same tensors with the
+same optimiser, lr, batch size, schedule and horizon are stacked, every parameter and buffer a [K, ...] tensor, and
+one forward pass computes their K losses; the sum of the K losses gives each its own gradient in its slice, and one
+optimiser over the stacked tensors makes K independent updates, since every optimiser of sophon.optim is elementwise
+with scalar hyperparameters (`optim.ELEMENTWISE`; the simulation clips nothing). Batch-norm running statistics are
+stacked buffers, updated per slice. The forward pass is the network folded K-fold along its channels (`sophon.fold`:
+grouped convolutions, K·C-channel batch norms; views of the stacked tensors), or `torch.func.vmap` over
+`functional_call` (`engine="vmap"`: any network, but measured slower than one at a time on CPU, so protect uses the
+fold only). A group needs a foldable network, an objective whose losses draw no random numbers (classification;
+diffusion draws noise inside the loss) and no depth term; the others run one at a time. Each adversary's batches are
+drawn before any runs, in the order the one-at-a-time path draws them, so both paths see the same batches and give
+the same results to float rounding.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import random
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from sophon.data import ImageSet
 from sophon.errors import ConfigError
+from sophon.fold import fold_model, fold_plan, fold_tensors, foldable
 from sophon.objectives import Objective
-from sophon.optim import make_optimizer, make_schedule
+from sophon.optim import ELEMENTWISE, make_optimizer, make_schedule
 from sophon.train import endless_batches
 
 START_ALIASES = {"direct": "direct+all", "initFC": "initFC+all"}  # the paper's names
 STEP_WEIGHTINGS = ("uniform", "exponential")
+_created = itertools.count()  # the order adversaries were made in (run_adversaries draws their batches in it)
 
 
 @dataclass(frozen=True)
@@ -113,7 +129,8 @@ class Adversary:
                  eval_data: ImageSet, *, total_steps: int, eval_batch_size: int, generator: torch.Generator,
                  depth=None):
         fresh, self.reinitialised, self.trained = simulated_start(model, task.start, task.seed)
-        self.model, self.objective, self.generator = model, objective, generator
+        self.model, self.objective, self.generator, self.task = model, objective, generator, task
+        self.total_steps, self.created = total_steps, next(_created)
         self.depth = depth  # a sophon.protect.DepthTerm taken at the adapted weights, or None
         self.params = {name: fresh.get(name, p.detach()).clone().requires_grad_(name in self.trained)
                        for name, p in model.named_parameters()}
@@ -141,11 +158,25 @@ class Adversary:
             self.params[name] += p - self.anchor[name]
             self.anchor[name].copy_(p)
 
+    def draw(self, steps: int, eval_every: int) -> tuple[list, list]:
+        """The (evaluation, training) batches of the next `run(steps)`, drawn in the order `run` draws them."""
+        points = set(eval_points(steps, eval_every))
+        evals, trains = [], []
+        for step in range(steps + 1):
+            if step in points:
+                evals.append(next(self.eval_batches))
+            if step < steps:
+                trains.append(next(self.train_batches))
+        return evals, trains
+
     def run(self, steps: int, eval_every: int, weighting: str = "uniform", late_weight: float = 1.0,
-            ) -> SimulationResult:
+            drawn: tuple[list, list] | None = None) -> SimulationResult:
         """`steps` inner steps; the suppression loss is evaluated on held-out restricted data at `eval_points`,
-        each with the adapted weights, and the gradients are combined with `step_weights`."""
+        each with the adapted weights, and the gradients are combined with `step_weights`. `drawn`: batches from
+        `draw` to use instead of drawing them now."""
         self.follow()
+        evals, trains = (iter(drawn[0]), iter(drawn[1])) if drawn is not None else (self.eval_batches,
+                                                                                    self.train_batches)
         params, targets = self.params, self.targets
         points = eval_points(steps, eval_every)
         weights = dict(zip(points, step_weights(len(points), weighting, late_weight)))
@@ -154,7 +185,7 @@ class Adversary:
         self.model.train()
         for step in range(steps + 1):
             if step in weights:
-                images, labels = next(self.eval_batches)
+                images, labels = next(evals)
                 # Frozen tensors take part too: the gradient is first-order in every released weight.
                 with_grad = [params[n].requires_grad_(True) for n in targets]
                 loss = self.objective.suppression_loss(self.forward, images, labels, self.generator)
@@ -171,7 +202,7 @@ class Adversary:
                 weighted += weights[step] * last
             if step == steps:
                 break
-            images, labels = next(self.train_batches)
+            images, labels = next(trains)
             loss = self.objective.finetune_loss(self.forward, images, labels, self.generator)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -179,6 +210,173 @@ class Adversary:
             if self.scheduler is not None:
                 self.scheduler.step()
         return SimulationResult(grads, weighted, last, depth)
+
+
+def batch_key(adversary: Adversary) -> tuple | None:
+    """What adversaries must share to run as one `AdversaryBatch`, or None where this one cannot (a depth term, an
+    objective whose losses draw random numbers, an optimiser that is not elementwise)."""
+    task = adversary.task
+    if (adversary.depth is not None or getattr(adversary.objective, "losses_draw", True)
+            or task.optimizer not in ELEMENTWISE):
+        return None
+    return (frozenset(adversary.trained), task.optimizer, task.lr, task.batch_size, task.schedule,
+            adversary.total_steps)
+
+
+class AdversaryBatch:
+    """K adversaries of one `batch_key` run as one: their weights, buffers and optimiser state stacked along a first
+    dimension of size K, their forward passes one pass of the K-fold network (sophon.fold; or one `torch.func.vmap`,
+    `engine="vmap"`, any network). Built from fresh adversaries (before their first run); from then on it holds their
+    state (`params[name][k]` is adversary k's). `run` gives each its own `SimulationResult`,
+    equal to what `Adversary.run` gives it to float rounding."""
+
+    def __init__(self, adversaries: list[Adversary], engine: str = "fold"):
+        if engine not in ("fold", "vmap"):
+            raise ValueError(f"engine {engine!r} is not fold or vmap")
+        keys = {batch_key(a) for a in adversaries}
+        if None in keys or len(keys) != 1:
+            raise ValueError("an AdversaryBatch needs adversaries of one batch key")
+        if any(a.anchor is not None for a in adversaries):
+            raise ValueError("an AdversaryBatch is built from adversaries that have not run yet")
+        first = adversaries[0]
+        self.adversaries, self.model, self.objective = adversaries, first.model, first.objective
+        self.trained, self.engine = first.trained, engine
+        self.folded = fold_model(first.model, len(adversaries)) if engine == "fold" else None
+        self.plan = fold_plan(first.model) if engine == "fold" else None
+        self.checked = False  # the folded forward is checked against the network's own at its first call
+        names = list(first.params)
+        self.params = {n: torch.stack([a.params[n].detach() for a in adversaries]).requires_grad_(n in self.trained)
+                       for n in names}
+        self.buffers = {n: torch.stack([a.buffers[n] for a in adversaries]) for n in first.buffers}
+        for a in adversaries:  # the batch holds their state now
+            a.params, a.buffers = {}, {}
+        self.targets = [n for n in names if any(n in a.targets for a in adversaries)]
+        self.anchor: dict[str, torch.Tensor] | None = None
+        task = first.task
+        self.optimizer = make_optimizer(task.optimizer, [self.params[n] for n in names if n in self.trained], task.lr)
+        self.scheduler = make_schedule(task.schedule, self.optimizer, first.total_steps)
+
+    def _losses(self, loss_fn, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[K] losses of the K adversaries, adversary k on images[k], labels[k]."""
+        model, generator = self.model, self.adversaries[0].generator
+        if self.engine == "vmap":
+            def one(params, buffers, x, y):
+                return loss_fn(lambda *args: functional_call(model, (params, buffers), args), x, y, generator)
+
+            return vmap(one)(self.params, self.buffers, images, labels)
+        # The fold: copy k's input channels at [k·C, (k+1)·C); each loss gets its copy's logits (the objective's
+        # loss calls its forward once, on the batch's model input).
+        count = len(self.adversaries)
+        inputs = [self.objective.model_inputs(images[k], generator) for k in range(count)]
+        if any(len(i) != 1 for i in inputs):
+            raise ValueError("the fold takes networks of one input")
+        x = torch.cat([i[0] for i in inputs], dim=1)
+        logits = functional_call(self.folded, fold_tensors({**self.params, **self.buffers}, self.plan), (x,))
+        for b in self.buffers.values():
+            if b.dim() == 1:  # a batch count: the folded network counted in copy 0's
+                b[1:] = b[0]
+        logits = logits.view(len(x), count, -1)
+        if not self.checked:
+            self._check(inputs[0], logits[:, 0])
+        return torch.stack([loss_fn(lambda *_, k=k: logits[:, k], images[k], labels[k], generator)
+                            for k in range(count)])
+
+    @torch.no_grad()
+    def _check(self, inputs: tuple, folded: torch.Tensor) -> None:
+        """Copy 0's folded output against the network's own at its weights (copies of its buffers): a forward pass
+        whose own code mixes channels would make the fold wrong."""
+        own = functional_call(self.model, ({n: p[0] for n, p in self.params.items()},
+                                           {n: b[0].clone() for n, b in self.buffers.items()}), inputs)
+        if not torch.allclose(own, folded.detach(), rtol=1e-3, atol=1e-4 * (1 + own.abs().max().item())):
+            raise RuntimeError(f"the K-fold of {type(self.model).__name__} does not compute what it computes (its "
+                               f"forward mixes channels?): set sophon.batched: false")
+        self.checked = True
+
+    @torch.no_grad()
+    def follow(self) -> None:
+        """`Adversary.follow` for every slice: each adversary's own targets move by the released weights' change."""
+        released = {n: p.detach() for n, p in self.model.named_parameters() if n in self.targets}
+        if self.anchor is None:
+            self.anchor = {n: p.clone() for n, p in released.items()}
+            return
+        for n, p in released.items():
+            change = p - self.anchor[n]
+            for k, adversary in enumerate(self.adversaries):
+                if n in adversary.targets:
+                    self.params[n][k] += change
+            self.anchor[n].copy_(p)
+
+    def run(self, steps: int, eval_every: int, weighting: str = "uniform", late_weight: float = 1.0,
+            drawn: list[tuple[list, list]] | None = None) -> list[SimulationResult]:
+        """`Adversary.run` for the K adversaries at once; `drawn`: each adversary's batches from `Adversary.draw`."""
+        if drawn is None:
+            drawn = [a.draw(steps, eval_every) for a in self.adversaries]
+        self.follow()
+        params, count = self.params, len(self.adversaries)
+        points = eval_points(steps, eval_every)
+        weights = step_weights(len(points), weighting, late_weight)
+        grads = [{n: torch.zeros_like(params[n][0]) for n in a.targets} for a in self.adversaries]
+        weighted, last = [0.0] * count, [0.0] * count
+        stack = lambda batches, i: (torch.stack([b[i][0] for b in batches]), torch.stack([b[i][1] for b in batches]))
+        self.model.train()
+        for step in range(steps + 1):
+            if step in points:
+                j = points.index(step)
+                images, labels = stack([d[0] for d in drawn], j)
+                with_grad = [params[n].requires_grad_(True) for n in self.targets]
+                losses = self._losses(self.objective.suppression_loss, images, labels)
+                for n, grad in zip(self.targets, torch.autograd.grad(losses.sum(), with_grad)):
+                    for k, adversary in enumerate(self.adversaries):
+                        if n in adversary.targets:
+                            grads[k][n] += weights[j] * grad[k]
+                for n in self.targets:
+                    params[n].requires_grad_(n in self.trained)
+                for k, value in enumerate(losses.detach().tolist()):
+                    last[k] = value
+                    weighted[k] += weights[j] * value
+            if step == steps:
+                break
+            images, labels = stack([d[1] for d in drawn], step)
+            loss = self._losses(self.objective.finetune_loss, images, labels).sum()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+        return [SimulationResult(g, w, v, 0.0) for g, w, v in zip(grads, weighted, last)]
+
+
+def group_adversaries(adversaries: list[Adversary], batched: bool = True) -> list[Adversary | AdversaryBatch]:
+    """The runners of `adversaries`: with `batched`, an `AdversaryBatch` (the fold) for every two or more of one
+    `batch_key` (in the order of their first member), the rest one at a time; all one at a time where the network is
+    not foldable (the vmap engine would be slower than that)."""
+    if not batched or not adversaries or not foldable(adversaries[0].model):
+        return list(adversaries)
+    groups: dict = {}
+    for index, adversary in enumerate(adversaries):
+        key = batch_key(adversary)
+        groups.setdefault(("alone", index) if key is None else key, []).append(adversary)
+    return [AdversaryBatch(group) if len(group) > 1 else group[0] for group in groups.values()]
+
+
+def run_adversaries(runners: list[Adversary | AdversaryBatch], steps: int, eval_every: int,
+                    weighting: str = "uniform", late_weight: float = 1.0) -> list[SimulationResult]:
+    """Every runner's `run`; the results in the adversaries' order (of `group_adversaries`' input). With a batch among
+    them every adversary's batches are drawn first, in that order, as the one-at-a-time runs would draw them (their
+    objective draws nothing else from the generator)."""
+    members = [r.adversaries if isinstance(r, AdversaryBatch) else [r] for r in runners]
+    if not any(isinstance(r, AdversaryBatch) for r in runners):
+        return [r.run(steps, eval_every, weighting, late_weight) for r in runners]
+    order = sorted((a for group in members for a in group), key=lambda a: a.created)
+    drawn = {id(a): a.draw(steps, eval_every) for a in order}
+    results = {}
+    for runner, group in zip(runners, members):
+        if isinstance(runner, AdversaryBatch):
+            out = runner.run(steps, eval_every, weighting, late_weight, [drawn[id(a)] for a in group])
+        else:
+            out = [runner.run(steps, eval_every, weighting, late_weight, drawn[id(runner)])]
+        results.update({id(a): r for a, r in zip(group, out)})
+    return [results[id(a)] for a in order]
 
 
 def simulate_finetune(model: torch.nn.Module, objective: Objective, task: SimulatedTask, finetune_data: ImageSet,

@@ -40,7 +40,9 @@ def main() -> None:
     original_weights = {n: t.detach().clone() for n, t in model.state_dict().items()}
     settings = protect_settings(exp)
     # A killed run resumes from its last saved state when nothing that determines the run has changed.
-    state_key = config_hash({"settings": dataclasses.asdict(settings), "seed": cfg["seed"], "task": exp["task"],
+    # `batched` is speed only: a state saved with it on resumes with it off and the other way round.
+    determining = {k: v for k, v in dataclasses.asdict(settings).items() if k != "batched"}
+    state_key = config_hash({"settings": determining, "seed": cfg["seed"], "task": exp["task"],
                              "start": card["weights_sha256"], "data": split_digests(exp)})
     state_dir = layout.protect_state(name)
     objective = task.objective(exp, device)
