@@ -66,8 +66,8 @@ class ProtectSettings:
     save_every: int = 0  # loops between saved states (with a state folder); 0 = never
     step_weighting: str = "uniform"  # or "exponential": later inner steps weigh more (sophon.simulate.step_weights)
     late_weight: float = 1.0  # exponential: the last evaluation point's weight relative to the first
-    select: str = "last"  # or "probe": release the check whose probe fine-tune did worst on the restricted domain
-    probe: dict = field(default_factory=lambda: dict(PROBE))  # sophon.attacks.AttackSettings fields
+    select: str = "last"  # or "probe"/"redteam": release the check whose probe fine-tunes did worst (worst case)
+    probe: dict | list = field(default_factory=lambda: dict(PROBE))  # AttackSettings fields; a list: several probes
     depth: dict = field(default_factory=lambda: dict(DEPTH))  # suppression at depth; weight 0 = off (the paper)
     task_space: dict = field(default_factory=lambda: {
         "starts": ["direct", "initFC"], "optimizers": ["adam", "momentum"],
@@ -76,7 +76,7 @@ class ProtectSettings:
 
 PROBE = {"strategy": "initFC+all", "optimizer": "adagrad", "lr": 0.01, "batch_size": 100, "epochs": 2,
          "schedule": "constant", "weight_decay": 0.0}
-SELECTIONS = ("last", "probe")
+SELECTIONS = ("last", "probe", "redteam")  # redteam: the probes are the red team's held-out attacks
 DEPTH = {"weight": 0.0, "stages": "all", "at": "released"}  # `at`, not `on`: YAML 1.1 reads on as true
 DEPTH_AT = ("released", "adapted", "both")
 DEPTH_SEED = 7919  # the depth term's generator is seeded with seed + DEPTH_SEED: the loop's own draws stay as they were
@@ -179,7 +179,7 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
 
     if settings.select not in SELECTIONS:
         raise ConfigError(f"sophon.select: {settings.select!r} is not one of {', '.join(SELECTIONS)}")
-    probe = Probe(settings.probe, objective, defender, seed=seed, device=device) if settings.select == "probe" else None
+    probe = Probe(settings.probe, objective, defender, seed=seed, device=device) if settings.select != "last" else None
     depth = depth_settings(settings)
     term = DepthTerm(model, objective, depth, seed) if depth["weight"] > 0 else None
     on_released = term is not None and depth["at"] in ("released", "both")
@@ -296,7 +296,7 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
                             settings.rollback_tolerance, reference)
             else:
                 last_good = _snapshot(model, suppress_opt, normal_opt)
-                if settings.select == "probe":
+                if probe is not None:
                     score = probe(model)
                     history.probes.append({"loop": loop, "score": score})
                     if best is None or probe.better_for_defender(score, best["score"]):
@@ -318,16 +318,22 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
 
 
 class Probe:
-    """A held-out attack run at every good check (`select: probe`): a short fine-tune of a copy of the model on one
-    half of the defender's data, scored on the other half (mean quality over its epochs, as the lr sweep scores)."""
+    """Held-out attacks run at every good check (`select: probe` or `redteam`): each a short fine-tune of a copy of
+    the model on one half of the defender's data, scored on the other half (mean quality over its epochs, as the lr
+    sweep scores); the score of a check is the worst case for the defender over the probes (the best attacker's)."""
 
-    def __init__(self, spec: dict, objective: Objective, defender: ImageSet, *, seed: int, device: torch.device):
+    def __init__(self, spec: dict | list[dict], objective: Objective, defender: ImageSet, *, seed: int,
+                 device: torch.device):
         from sophon.attacks import AttackSettings
 
-        unknown_keys = set(spec) - {f.name for f in dataclasses.fields(AttackSettings)}
-        if unknown_keys:
-            raise ConfigError(f"sophon.probe: unknown keys {', '.join(sorted(unknown_keys))}")
-        self.settings = AttackSettings(**spec)
+        specs = [spec] if isinstance(spec, dict) else list(spec)
+        if not specs:
+            raise ConfigError("sophon.probe: no probe attack")
+        for one in specs:
+            unknown_keys = set(one) - {f.name for f in dataclasses.fields(AttackSettings)}
+            if unknown_keys:
+                raise ConfigError(f"sophon.probe: unknown keys {', '.join(sorted(unknown_keys))}")
+        self.settings = [AttackSettings(**one) for one in specs]
         self.objective, self.seed, self.device = objective, seed, device
         order = torch.randperm(len(defender), generator=torch.Generator().manual_seed(seed + 1))
         half = len(order) // 2
@@ -336,10 +342,13 @@ class Probe:
     def __call__(self, model: torch.nn.Module) -> float:
         from sophon.attacks import finetune, sweep_score
 
-        with torch.random.fork_rng(devices=[]):
-            curve = finetune(copy.deepcopy(model), self.train, self.test, self.settings, seed=self.seed,
-                             device=self.device, objective=self.objective)
-        return sweep_score(curve)
+        scores = []
+        for settings in self.settings:
+            with torch.random.fork_rng(devices=[]):
+                curve = finetune(copy.deepcopy(model), self.train, self.test, settings, seed=self.seed,
+                                 device=self.device, objective=self.objective)
+            scores.append(sweep_score(curve))
+        return max(scores) if self.objective.higher_is_better else min(scores)
 
     def better_for_defender(self, score: float, than: float) -> bool:
         """Lower restricted accuracy (classification) or higher MSE (diffusion) after the probe is better."""

@@ -13,6 +13,7 @@ import time
 
 from sophon import layout
 from sophon.basin import connectivity
+from sophon.errors import ConfigError
 from sophon.io import config_hash, write_json
 from sophon.protect import ProtectSettings, protect, variant_name
 from sophon.tasks import load_model, task_of
@@ -22,11 +23,25 @@ from stages.common import parser, parts, run, setup, split_digests
 
 
 def protect_settings(exp: dict, **changes) -> ProtectSettings:
-    """ProtectSettings from the experiment's `sophon` section (with `changes` on top, e.g. an ablation's)."""
+    """ProtectSettings from the experiment's `sophon` section (with `changes` on top, e.g. an ablation's). With
+    `select: redteam` the probes are the red-team suite's held-out attacks, `probe_epochs` epochs each."""
     cfg = {**exp["sophon"], **changes}
     fields = {f.name for f in dataclasses.fields(ProtectSettings)}
     values = {k: v for k, v in cfg.items() if k in fields}
+    if cfg.get("select") == "redteam":
+        values["probe"] = redteam_probes(exp, cfg.get("probe_epochs", 2))
     return ProtectSettings(**values)
+
+
+def redteam_probes(exp: dict, epochs: int) -> list[dict]:
+    """The red team's held-out attacks as release-selection probes: the same settings, `epochs` epochs."""
+    attacks = (exp.get("redteam") or {}).get("attacks", {})
+    probes = [{**{k: v for k, v in spec.items() if k != "held_out"}, "epochs": epochs}
+              for spec in attacks.values() if spec.get("held_out")]
+    if not probes:
+        raise ConfigError(f"experiments.{exp['name']}.sophon.select: redteam needs red-team attacks with held_out: "
+                          f"true (experiments.{exp['name']}.redteam.attacks)")
+    return probes
 
 
 def main() -> None:

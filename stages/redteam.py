@@ -43,8 +43,11 @@ def main() -> None:
                 tracked.child(f"{attack}/seed{seed}", params={**asdict(settings), "seed": seed},
                               metrics={"final": record["curve"][-1]}, curve=(task.metric, record["curve"]),
                               tags={"sophon.cached": cached, "sophon.redteam": attack})
+            # With sophon.select: redteam the held-out attacks also chose the released checkpoint (short probes on
+            # the defender's data): the report says so.
+            selects = bool(spec["held_out"] and exp["sophon"].get("select") == "redteam" and args.start == "sophon")
             attacks[attack] = {"settings": asdict(settings), "held_out": spec["held_out"], "seeds": list(cfg["seeds"]),
-                               "curves": curves}
+                               "selected_release": selects, "curves": curves}
         seconds = time.perf_counter() - began
         tracked.log_metrics({"seconds": seconds})
     write_json(layout.redteam_result(name, args.start), {

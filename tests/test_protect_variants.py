@@ -286,3 +286,32 @@ def test_config_checks_simulated_starts_by_key(tmp_path, project_dir, start, mes
         return
     with pytest.raises(ConfigError, match="quick-classification.sophon.task_space.starts' = .*" + message):
         load_params(path)
+
+
+def test_several_probes_score_the_worst_case_for_the_defender(tiny):
+    shapes, defender = tiny
+    net = model()
+    specs = [{"strategy": "initFC+all", "optimizer": "adam", "lr": lr, "batch_size": 30, "epochs": 1}
+             for lr in (1e-4, 1e-2)]
+    each = [Probe(spec, ClassificationObjective("ice"), defender, seed=0, device=CPU)(net) for spec in specs]
+    both = Probe(specs, ClassificationObjective("ice"), defender, seed=0, device=CPU)(net)
+    assert both == max(each)  # the best attacker's accuracy: the defender's worst case
+    with pytest.raises(ConfigError, match="no probe attack"):
+        Probe([], ClassificationObjective("ice"), defender, seed=0, device=CPU)
+
+
+def test_redteam_selection_probes_are_the_held_out_red_team_attacks(project_dir):
+    from sophon.config import load_params
+    from stages.protect import protect_settings
+
+    exp = load_params(f"{project_dir}/params.yaml")["experiments"]["quick-classification"]
+    exp["name"] = "quick-classification"
+    settings = protect_settings(exp, select="redteam", probe_epochs=3)
+    held_out = {name: spec for name, spec in exp["redteam"]["attacks"].items() if spec["held_out"]}
+    assert settings.select == "redteam" and len(settings.probe) == len(held_out) >= 1
+    for probe, spec in zip(settings.probe, held_out.values()):
+        assert probe == {**{k: v for k, v in spec.items() if k != "held_out"}, "epochs": 3}
+    assert "redteam-selected checkpoint" in variant_name(settings)
+    exp["redteam"]["attacks"] = {n: {**s, "held_out": False} for n, s in exp["redteam"]["attacks"].items()}
+    with pytest.raises(ConfigError, match="sophon.select: redteam needs red-team attacks with held_out"):
+        protect_settings(exp, select="redteam")

@@ -68,6 +68,7 @@ def summarize(docs: dict[str, dict], search: dict, redteam: dict[str, dict] | No
             result["removed"] = env.removed(starts["original"], starts["scratch"], starts["sophon"], higher)
     if redteam:
         result["redteam"] = {start: {name: {**{k: attack[k] for k in ("settings", "held_out", "seeds")},
+                                            "selected_release": attack.get("selected_release", False),
                                             "vs_envelope": env.covers(starts[start], attack["curves"], higher),
                                             "vs_scratch": env.covers(starts["scratch"], attack["curves"], higher)}
                                      for name, attack in doc["attacks"].items()}
@@ -200,7 +201,8 @@ def _redteam_blocks(e: dict) -> list:
             last = len(env_check["mean"]) - 1
             if not env_check["covered"]:
                 uncovered.append(f"{name} ({ROW_NAMES.get(start, start)})")
-            rows.append([ROW_NAMES.get(start, start), name, "yes" if a["held_out"] else "no",
+            held_out = "no" if not a["held_out"] else "yes, and chose the release" if a.get("selected_release") else "yes"
+            rows.append([ROW_NAMES.get(start, start), name, held_out,
                          f"{_fmt(env_check['mean'][1], higher)} ± {_fmt(env_check['std'][1], higher)}",
                          f"{_fmt(env_check['mean'][last], higher)} ± {_fmt(env_check['std'][last], higher)}",
                          "yes" if env_check["covered"] else f"NO: epochs {_epochs(env_check['violations'])}",
@@ -216,7 +218,8 @@ def _redteam_blocks(e: dict) -> list:
                    f"largest gain over scratch ({unit})"], rows,
                   "Each attack at every red-team seed (mean ± std of the best checkpoint so far). Covered: at every "
                   "epoch within the seeds' spread sqrt(std_env² + std_attack²) of the envelope. Held out: its settings "
-                  "were kept out of every tuning.")]
+                  "were kept out of every tuning ('and chose the release': with sophon.select: redteam it also scored "
+                  "2-epoch probes on the defender's data that picked the released checkpoint).")]
 
 
 def build(search: dict, experiment: str, out_dir: Path, epochs: list[int],
