@@ -143,15 +143,18 @@ def _check_names(config: dict, source: str) -> None:
 
 
 def _check_simulated_starts(sophon: dict, task: str, key: str, source: str) -> None:
-    """The simulation's starts and the probe attack are strategies of the task (lora is no simulated start)."""
+    """The simulation's starts and the probe attack are strategies of the task."""
     from sophon.simulate import START_ALIASES
     from sophon.strategies import check_strategy
 
     named = [(f"{key}.task_space.starts", s) for s in sophon["task_space"]["starts"]]
     for where, strategy in [*named, (f"{key}.probe.strategy", sophon["probe"]["strategy"])]:
         strategy = START_ALIASES.get(strategy, strategy)
-        if strategy == "lora" and where.endswith("starts"):
-            raise ConfigError(f"{source}: key '{where}' = lora: LoRA is an attack, not a simulated start")
+        depth = sophon.get("depth") or {}
+        if (strategy == "lora" and where.endswith("starts") and depth.get("weight", 0) > 0
+                and depth.get("at", "released") != "released"):
+            raise ConfigError(f"{source}: key '{where}' = lora: a lora adversary takes no depth term at adapted "
+                              f"weights ({key}.depth.at: {depth.get('at')}); use depth.at: released")
         try:
             check_strategy(strategy, task)
         except ConfigError as exc:

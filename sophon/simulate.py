@@ -6,9 +6,11 @@ optimisers update, and `torch.func.functional_call` runs the module with them. B
 statistics are cloned into that dict too, so the simulation never touches the model's own buffers.
 
 A simulated start is a fine-tuning strategy of sophon.strategies (the attack search's names): `direct+all`,
-`initFC+all`, `initFC+FC`, `reinit<k>+all`, `reinit_up+all`. What a strategy re-initialises gets fresh values
+`initFC+all`, `initFC+FC`, `reinit<k>+all`, `reinit_up+all`, `lora`. What a strategy re-initialises gets fresh values
 and no suppression gradient (a fresh tensor's gradient says nothing about the released one); what it freezes
-is not updated. The paper's two starts are `direct` and `initFC` (accepted as aliases).
+is not updated. The paper's two starts are `direct` and `initFC` (accepted as aliases). A `lora` adversary runs a
+replica with peft's adapters injected (sophon.strategies, rank `lora_rank`): only the adapters train, and the
+suppression gradient is taken at the frozen base weights, which is the first-order gradient at W + BA.
 
 Suppression at depth at the adapted weights (`sophon.protect.DepthTerm`, `depth.at: adapted`): at each evaluation
 point the depth term of the same held-out batch, taken at the adapted weights (with a copy of their buffers, so the
@@ -62,6 +64,7 @@ class SimulatedTask:
     batch_size: int
     schedule: str = "constant"
     seed: int = 0  # the start's re-initialisation
+    lora_rank: int = 4  # a lora start's adapter rank
 
 
 def sample_task(space: dict, rng: random.Random) -> SimulatedTask:
@@ -70,7 +73,8 @@ def sample_task(space: dict, rng: random.Random) -> SimulatedTask:
     scale = space.get("lr_scale", {}).get(optimizer, 1.0)
     return SimulatedTask(start=rng.choice(space["starts"]), optimizer=optimizer,
                          lr=rng.choice(space["lrs"]) * scale, batch_size=rng.choice(space["batch_sizes"]),
-                         schedule=rng.choice(space.get("schedules", ["constant"])), seed=rng.randrange(2**31))
+                         schedule=rng.choice(space.get("schedules", ["constant"])), seed=rng.randrange(2**31),
+                         lora_rank=space.get("lora_rank", 4))
 
 
 def step_weights(points: int, scheme: str = "uniform", late_weight: float = 1.0) -> list[float]:
@@ -107,7 +111,7 @@ def simulated_start(model: torch.nn.Module, strategy: str, seed: int) -> tuple[d
 
     strategy = START_ALIASES.get(strategy, strategy)
     if strategy == "lora":
-        raise ConfigError("sophon.task_space.starts: lora is an attack, not a simulated start")
+        raise ConfigError("simulated_start: a lora adversary runs an adapted replica (lora_replica)")
     if strategy == "direct+all":
         return {}, set(), {name for name, _ in model.named_parameters()}
     replica = copy.deepcopy(model)
@@ -119,6 +123,23 @@ def simulated_start(model: torch.nn.Module, strategy: str, seed: int) -> tuple[d
     return fresh, set(prepared.reinitialised), {name for name, p in values.items() if id(p) in trainable}
 
 
+def lora_replica(model: torch.nn.Module, seed: int, rank: int) -> tuple[torch.nn.Module, dict[str, str], set[str]]:
+    """(a copy of `model` with peft's LoRA adapters, as the lora attack injects them; its base parameters' names →
+    the model's names; the names of its adapter parameters, the only ones that train)."""
+    from sophon.strategies import prepare
+
+    replica = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        prepared = prepare(replica, "lora", seed=seed, lora_rank=rank)
+    adapters = {id(p) for p in prepared.trainable}
+    values = dict(replica.named_parameters())
+    trained = {name for name, p in values.items() if id(p) in adapters}
+    names = {name: name.replace(".base_layer.", ".") for name in values if name not in trained}
+    if sorted(names.values()) != sorted(name for name, _ in model.named_parameters()):
+        raise RuntimeError("lora_replica: the adapted replica's base parameters do not map onto the model's")
+    return replica, names, trained
+
+
 class Adversary:
     """One simulated adversary's fine-tune, run `run(steps)` at a time. A fresh one per outer loop is the paper's
     simulation; one kept for several loops (`persist_loops`) fine-tunes further down its path each loop, so the
@@ -128,14 +149,25 @@ class Adversary:
     def __init__(self, model: torch.nn.Module, objective: Objective, task: SimulatedTask, finetune_data: ImageSet,
                  eval_data: ImageSet, *, total_steps: int, eval_batch_size: int, generator: torch.Generator,
                  depth=None):
-        fresh, self.reinitialised, self.trained = simulated_start(model, task.start, task.seed)
         self.model, self.objective, self.generator, self.task = model, objective, generator, task
         self.total_steps, self.created = total_steps, next(_created)
         self.depth = depth  # a sophon.protect.DepthTerm taken at the adapted weights, or None
-        self.params = {name: fresh.get(name, p.detach()).clone().requires_grad_(name in self.trained)
-                       for name, p in model.named_parameters()}
-        self.buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-        self.targets = [name for name in self.params if name not in self.reinitialised]
+        # `module` runs the fine-tune: the model, or for lora its adapted replica; `names` maps the module's
+        # parameter names to the model's (the adapters have none).
+        if START_ALIASES.get(task.start, task.start) == "lora":
+            if depth is not None:
+                raise ConfigError("sophon.task_space.starts: a lora adversary takes no depth term at adapted weights "
+                                  "(its weights are the adapted replica's); use depth.at: released")
+            self.module, self.names, self.trained = lora_replica(model, task.seed, task.lora_rank)
+            fresh, self.reinitialised = {}, set()
+        else:
+            fresh, self.reinitialised, self.trained = simulated_start(model, task.start, task.seed)
+            self.module, self.names = model, {name: name for name, _ in model.named_parameters()}
+        released = dict(model.named_parameters())
+        self.params = {name: fresh.get(name, released[self.names[name]].detach() if name in self.names else p.detach())
+                       .clone().requires_grad_(name in self.trained) for name, p in self.module.named_parameters()}
+        self.buffers = {name: b.detach().clone() for name, b in self.module.named_buffers()}
+        self.targets = [name for name in self.params if name in self.names and name not in self.reinitialised]
         self.anchor: dict[str, torch.Tensor] | None = None  # the released weights at the last run
         self.optimizer = make_optimizer(task.optimizer, [self.params[n] for n in self.params if n in self.trained],
                                         task.lr)
@@ -144,13 +176,14 @@ class Adversary:
         self.eval_batches = endless_batches(eval_data, eval_batch_size, generator)
 
     def forward(self, *args):
-        return functional_call(self.model, (self.params, self.buffers), args)
+        return functional_call(self.module, (self.params, self.buffers), args)
 
     @torch.no_grad()
     def follow(self) -> None:
         """Move the adapted weights by the released weights' change since the last run (re-initialised ones keep
         theirs: the adversary replaced them). The first run starts from the released weights: nothing to move."""
-        released = {name: p.detach() for name, p in self.model.named_parameters() if name in self.targets}
+        model = dict(self.model.named_parameters())
+        released = {name: model[self.names[name]].detach() for name in self.targets}
         if self.anchor is None:
             self.anchor = {name: p.clone() for name, p in released.items()}
             return
@@ -209,7 +242,7 @@ class Adversary:
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
-        return SimulationResult(grads, weighted, last, depth)
+        return SimulationResult({self.names[name]: grad for name, grad in grads.items()}, weighted, last, depth)
 
 
 def batch_key(adversary: Adversary) -> tuple | None:
@@ -217,7 +250,7 @@ def batch_key(adversary: Adversary) -> tuple | None:
     objective whose losses draw random numbers, an optimiser that is not elementwise)."""
     task = adversary.task
     if (adversary.depth is not None or getattr(adversary.objective, "losses_draw", True)
-            or task.optimizer not in ELEMENTWISE):
+            or task.optimizer not in ELEMENTWISE or adversary.module is not adversary.model):
         return None
     return (frozenset(adversary.trained), task.optimizer, task.lr, task.batch_size, task.schedule,
             adversary.total_steps)

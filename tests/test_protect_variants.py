@@ -72,9 +72,50 @@ def test_simulation_gives_no_gradient_to_fresh_tensors_and_keeps_the_model(tiny,
     assert any(g.abs().sum() > 0 for name, g in result.grads.items() if name.startswith("net.layer1."))
 
 
-def test_lora_is_not_a_simulated_start():
-    with pytest.raises(ConfigError, match="lora is an attack"):
-        simulated_start(model(), "lora", seed=0)
+def lora_adversary(net, defender, start="lora", seed=0):
+    task = SimulatedTask(start=start, optimizer="adam", lr=1e-2, batch_size=16, seed=3, lora_rank=2)
+    return Adversary(net, ClassificationObjective("ice"), task, defender.subset(range(60)),
+                     defender.subset(range(60, 120)), total_steps=4, eval_batch_size=16,
+                     generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_lora_adversary_trains_only_its_adapters_and_its_gradient_is_at_the_base_weights(tiny):
+    from peft.tuners.lora import LoraLayer
+
+    _, defender = tiny
+    net = model()
+    with torch.no_grad():  # timm zero-initialises each block's last batch norm: open every residual branch
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.fill_(1.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    adversary = lora_adversary(net, defender)
+    assert any(isinstance(m, LoraLayer) for m in adversary.module.modules())
+    assert not any(isinstance(m, LoraLayer) for m in net.modules())
+    adapters = {n: v.clone() for n, v in adversary.params.items() if n in adversary.trained}
+    assert adapters and all("lora_" in n for n in adapters)
+    bases = {n: v.clone() for n, v in adversary.params.items() if n not in adversary.trained}
+    result = adversary.run(4, 2)
+    # Every released weight gets a first-order gradient (none is replaced), under the model's own names.
+    assert set(result.grads) == {n for n, _ in net.named_parameters()}
+    for name, value in bases.items():
+        assert torch.equal(adversary.params[name], value), name  # the base weights stay the released ones
+    moved = [n for n in adapters if not torch.equal(adversary.params[n], adapters[n])]
+    assert len(moved) == len(adapters), sorted(set(adapters) - set(moved))  # every adapter trained
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_a_lora_adversary_before_any_step_is_the_released_model(tiny):
+    # lora_B starts at zero, so W + BA = W: the suppression gradient at step 0 is the direct adversary's.
+    _, defender = tiny
+    net = model()
+    lora = lora_adversary(net, defender).run(0, 1)
+    direct = lora_adversary(net, defender, start="direct").run(0, 1)
+    assert set(lora.grads) == set(direct.grads)
+    for name in direct.grads:
+        assert torch.allclose(lora.grads[name], direct.grads[name], rtol=1e-5, atol=1e-7), name
+    assert lora.suppression_loss == pytest.approx(direct.suppression_loss, rel=1e-6)
 
 
 # --- inner-step weighting -----------------------------------------------------------------------------------
@@ -274,7 +315,7 @@ def test_variant_name_lists_each_change_from_the_paper():
         "+ adversaries persist 5 loops + probe-selected checkpoint + suppression on t in [0, 500)")
 
 
-@pytest.mark.parametrize("start,message", [("lora", "LoRA is an attack"), ("reinit_up+all", "not allowed for classification"),
+@pytest.mark.parametrize("start,message", [("lora", "lora adversary takes no depth term at adapted"), ("reinit_up+all", "not allowed for classification"),
                                            ("initFC+all", None), ("reinit2+all", None), ("reinit3+all", None)])
 def test_config_checks_simulated_starts_by_key(tmp_path, project_dir, start, message):
     params = yaml.safe_load(open(f"{project_dir}/params.yaml"))
