@@ -24,7 +24,7 @@ from sophon.train import seed_everything
 from stages.common import parser, parts, run, run_cache, setup, start_builder
 from stages.protect import protect_settings
 
-AT_EPOCHS = (1, 5, 20, 50)
+AT_EPOCHS = (1, 2, 5, 20, 50)
 
 
 def quality_name(task) -> str:
@@ -32,11 +32,14 @@ def quality_name(task) -> str:
     return "accuracy" if task.metric.endswith("accuracy") else "mse"
 
 
-def judged(exp: dict, sophon_doc: dict, scratch: dict) -> dict:
-    """The envelope verdict of a Sophon search against the pipeline's search from scratch (`scratch`)."""
-    e = summarize({"scratch": scratch, "sophon": sophon_doc}, exp["search"])
-    gains = e["advantage"]["per_epoch"]
+def judged(exp: dict, sophon_doc: dict, scratch: dict, original: dict | None = None) -> dict:
+    """The envelope verdict of a Sophon search against the pipeline's search from scratch (`scratch`), and with the
+    original's search the share of its head start removed."""
+    docs = {"scratch": scratch, "sophon": sophon_doc, **({"original": original} if original else {})}
+    e = summarize(docs, exp["search"])
+    gains, removed = e["advantage"]["per_epoch"], e.get("removed") or []
     return {"holds": e["holds"], "violations": e["violations"], "max_gain": e["advantage"]["value"],
+            "removed_at": {str(k): removed[k] for k in AT_EPOCHS if k < len(removed)},
             "max_gain_epoch": e["advantage"]["epoch"], "holds_last_checkpoint": e["last_checkpoint"]["holds"],
             "gain_at": {str(k): gains[k] for k in AT_EPOCHS if k < len(gains)}, "cost_ratio": e["cost_ratio"],
             "best_config": e["starts"]["sophon"]["best"]}
@@ -74,7 +77,7 @@ def run_variant(exp: dict, variant: str, device) -> None:
         result = {"variant": variant, "name": label, "changes": changes, "protect_seconds": protect_seconds,
                   "search_seconds": document["seconds"], "selected_loop": history.selected_loop,
                   "intactness": intact, "search": document,
-                  **judged(exp, document, read_json(layout.search_result(name, "scratch")))}
+                  **judged(exp, document, *pipeline_searches(name))}
         tracked.log_metrics({"protect_seconds": protect_seconds, "max_gain": result["max_gain"],
                              **{f"gain_at_{k}": v for k, v in result["gain_at"].items()}})
         write_json(layout.ablation_result(name, variant), result)
@@ -82,13 +85,19 @@ def run_variant(exp: dict, variant: str, device) -> None:
           f"largest gain {result['max_gain']:+.4g} at epoch {result['max_gain_epoch']}")
 
 
+def pipeline_searches(name: str) -> tuple[dict, dict | None]:
+    """The pipeline's searches from scratch and (when it ran) from the original model."""
+    original = layout.search_result(name, "original")
+    return read_json(layout.search_result(name, "scratch")), read_json(original) if original.exists() else None
+
+
 def table(exp: dict) -> None:
     """results/<experiment>/ablation.{md,json}: every variant, and the pipeline's released Sophon model."""
     task, name = task_of(exp), exp["name"]
-    scratch = read_json(layout.search_result(name, "scratch"))
+    scratch, original_search = pipeline_searches(name)
     rows = [read_json(layout.ablation_result(name, v)) for v in exp["ablation"]["variants"]]
     for row in rows:  # judged again here, so the table follows the current verdict rules
-        row.update(judged(exp, row["search"], scratch))
+        row.update(judged(exp, row["search"], scratch, original_search))
     card = read_json(layout.model_dir(name, "sophon") / layout.CARD)
     history = read_json(layout.history(name, "sophon"))
     original = read_json(layout.model_dir(name, "original") / layout.CARD)
@@ -96,7 +105,7 @@ def table(exp: dict) -> None:
                  "protect_seconds": history["seconds"], "selected_loop": card.get("selected_loop"),
                  "intactness": {"original": original.get(f"original_test_{quality_name(task)}"),
                                 "protected": card.get(f"original_test_{quality_name(task)}")},
-                 **judged(exp, read_json(layout.search_result(name, "sophon")), scratch)})
+                 **judged(exp, read_json(layout.search_result(name, "sophon")), scratch, original_search)})
     for row in rows:
         row.pop("search", None)
     quality = quality_name(task)
@@ -104,16 +113,22 @@ def table(exp: dict) -> None:
     lines = [f"# Ablation: {name}", "",
              f"Each variant protects the same original model, then meets the same attack search as the pipeline's "
              f"Sophon start; gains are Sophon − scratch in {task.metric.replace('_', ' ')} ({unit}, "
-             f"positive = Sophon helps the attacker), envelopes keep each run's best checkpoint so far.", "",
-             "| variant | changes from the paper | holds | holds (last checkpoint) | "
-             + " | ".join(f"gain at {k}" for k in AT_EPOCHS)
+             f"positive = Sophon helps the attacker), envelopes keep each run's best checkpoint so far. Removed: the "
+             f"share of the original model's head start over scratch that the variant takes away (1 = as hard as "
+             f"scratch; '–' where the head start is within the spread).", "",
+             "| variant | changes from the paper | holds (epochs it fails) | holds (last checkpoint) | "
+             + " | ".join(f"gain at {k}" for k in AT_EPOCHS) + " | "
+             + " | ".join(f"removed at {k}" for k in AT_EPOCHS)
              + f" | largest gain (epoch) | original-domain {quality} (original → protected) | protect time |",
-             "|---|---|---|---|" + "---|" * len(AT_EPOCHS) + "---|---|---|"]
+             "|---|---|---|---|" + "---|" * 2 * len(AT_EPOCHS) + "---|---|---|"]
     for r in rows:
-        at = r["gain_at"]
-        lines.append(f"| {r['variant']} | {r['name']} | {'yes' if r['holds'] else 'no'} | "
+        at, removed = r["gain_at"], r.get("removed_at", {})
+        holds = "yes" if r["holds"] else f"no ({len(r['violations'])})"
+        lines.append(f"| {r['variant']} | {r['name']} | {holds} | "
                      f"{'yes' if r['holds_last_checkpoint'] else 'no'} | "
                      + "".join(f"{at[str(k)]:+.4g} | " if str(k) in at else "– | " for k in AT_EPOCHS)
+                     + "".join(f"{removed[str(k)]:.0%} | " if removed.get(str(k)) is not None else "– | "
+                               for k in AT_EPOCHS)
                      + f"{r['max_gain']:+.4g} ({r['max_gain_epoch']}) | "
                      f"{r['intactness']['original']:.4g} → {r['intactness']['protected']:.4g} | "
                      f"{r['protect_seconds']:.0f} s |")
