@@ -54,3 +54,14 @@ def test_interpolation_keeps_integer_buffers_and_distance_is_relative_to_the_sec
     assert distance(first, second) == {"l2": pytest.approx(5.0), "relative": pytest.approx(1.0)}
     with pytest.raises(ValueError, match="different keys"):
         interpolate(first, {"w": second["w"]}, 0.5)
+
+
+def test_the_report_sentence_gives_both_barriers_and_the_distance():
+    from sophon.report.render import basin_sentence
+
+    path = {"alphas": [0.0, 0.5, 1.0], "losses": [2.0, 3.5, 1.0], "barrier": 2.0}
+    sentence = basin_sentence({"restricted": path, "original": {**path, "barrier": -0.25},
+                               "distance": {"l2": 3.0, "relative": 0.125}})
+    assert "restricted-domain loss 2 → 1, barrier 2 " in sentence and "barrier -0.25" in sentence
+    assert "distance 0.125" in sentence and "3 points" in sentence
+    assert "not measured" in basin_sentence(None)
