@@ -219,7 +219,7 @@ def _redteam_blocks(e: dict) -> list:
                   "Each attack at every red-team seed (mean ± std of the best checkpoint so far). Covered: at every "
                   "epoch within the seeds' spread sqrt(std_env² + std_attack²) of the envelope. Held out: its settings "
                   "were kept out of every tuning ('and chose the release': with sophon.select: redteam it also scored "
-                  "2-epoch probes on the defender's data that picked the released checkpoint).")]
+                  "short probes (sophon.probe_epochs epochs) on the defender's data that picked the released checkpoint).")]
 
 
 def build(search: dict, experiment: str, out_dir: Path, epochs: list[int],
