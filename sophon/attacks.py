@@ -83,8 +83,8 @@ def finetune(model: torch.nn.Module, adversary: ImageSet, test: ImageSet, settin
              seed: int, device: torch.device, from_scratch: bool = False, objective=None,
              on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
     """Supervised fine-tuning with a strategy (paper Table I, plus re-initialised blocks and LoRA). From scratch,
-    every weight of the randomly initialised model is trained and neither the strategy nor the preparations
-    apply. Otherwise: strategy → shrink-and-perturb → BatchNorm recalibration (sophon.strategies), then the
+    every weight of the randomly initialised model is trained, the strategy and BatchNorm recalibration do not
+    apply, and shrink-and-perturb sets the init scale (a seeded second init as the perturbation). Otherwise: strategy → shrink-and-perturb → BatchNorm recalibration (sophon.strategies), then the
     optimiser. The recipe knobs (warm-up, label smoothing, clipping, shift) apply in both cases; at their
     defaults the run takes exactly the plain path (no clipping call, no extra random draws)."""
     from sophon.objectives import ClassificationObjective
@@ -104,6 +104,9 @@ def finetune(model: torch.nn.Module, adversary: ImageSet, test: ImageSet, settin
         for p in model.parameters():
             p.requires_grad_(True)
         net, trainable = model, list(model.parameters())
+        # Shrink-and-perturb of a fresh model is an init scale: shrink·θ_init + perturb·θ_fresh (a second init).
+        shrink_perturb(net, [name for name, _ in net.named_parameters()], settings.shrink, settings.perturb,
+                       seed=seed + 1)
     else:
         prepared = prepare(model, settings.strategy, seed=seed, lora_rank=settings.lora_rank)
         shrink_perturb(prepared.model, shrinkable(prepared), settings.shrink, settings.perturb, seed=seed)

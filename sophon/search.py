@@ -53,7 +53,7 @@ class Trial:
     batch_size: int
     schedule: str = "constant"
     weight_decay: float = 0.0
-    preparation: str = "none"  # a step before fine-tuning: recalibrate_bn, shrink_perturb (sophon.strategies)
+    preparation: str = "none"  # a step before fine-tuning: recalibrate_bn, shrink_perturb@<shrink>/<perturb>
 
     @property
     def name(self) -> str:
@@ -61,14 +61,16 @@ class Trial:
         return (f"{self.strategy}{prepared} {self.optimizer} lr={self.lr:g} bs={self.batch_size} {self.schedule} "
                 f"wd={self.weight_decay:g}")
 
-    def settings(self, epochs: int, lora_rank: int, shrink_perturb: dict | None = None) -> AttackSettings:
+    def settings(self, epochs: int, lora_rank: int) -> AttackSettings:
         strategy = "direct+all" if self.strategy == SCRATCH else self.strategy
         extra = {}
         if self.preparation == "recalibrate_bn":
             extra["recalibrate_bn"] = True
-        elif self.preparation == "shrink_perturb":
-            sp = shrink_perturb or {"shrink": 0.5, "perturb": 0.01}
-            extra.update(shrink=float(sp["shrink"]), perturb=float(sp["perturb"]))
+        elif self.preparation.startswith("shrink_perturb@"):
+            shrink, perturb = self.preparation.removeprefix("shrink_perturb@").split("/")
+            extra.update(shrink=float(shrink), perturb=float(perturb))
+        elif self.preparation != "none":
+            raise ValueError(f"preparation {self.preparation!r} is not none, recalibrate_bn or shrink_perturb@s/p")
         return AttackSettings(strategy=strategy, optimizer=self.optimizer, lr=self.lr, batch_size=self.batch_size,
                               weight_decay=self.weight_decay, epochs=epochs, schedule=self.schedule,
                               lora_rank=lora_rank, **extra)
@@ -83,8 +85,21 @@ def lr_values(spec: dict) -> list[float]:
     return [float(f"{low * ratio ** i:.3g}") for i in range(count)]
 
 
+def shrink_perturb_label(setting: dict) -> str:
+    return f"shrink_perturb@{float(setting['shrink']):g}/{float(setting['perturb']):g}"
+
+
 def _preparations(space: dict, start: str) -> list[str]:
-    return ["none"] if start == SCRATCH else list(space.get("preparations", ["none"]))
+    """The preparation axis: `shrink_perturb` becomes one value per setting of `space.shrink_perturb`. From scratch
+    only shrink-and-perturb applies, as an init scale (sophon.attacks.finetune): BatchNorm recalibration of a
+    fresh model recovers nothing."""
+    labels = []
+    for name in space.get("preparations", ["none"]):
+        if name == "shrink_perturb":
+            labels += [shrink_perturb_label(sp) for sp in space.get("shrink_perturb", [{"shrink": 0.5, "perturb": 0.01}])]
+        elif start != SCRATCH or name == "none":
+            labels.append(name)
+    return labels or ["none"]
 
 
 def strata(space: dict, start: str) -> list[tuple[str, str]]:
@@ -94,7 +109,8 @@ def strata(space: dict, start: str) -> list[tuple[str, str]]:
 
 
 def grid(space: dict, start: str) -> list[Trial]:
-    """Every configuration of the space for `start` (from scratch the strategy and preparation axes collapse)."""
+    """Every configuration of the space for `start` (from scratch the strategy axis collapses and the preparations
+    narrow to init scales)."""
     return [Trial(strategy, optimizer, lr, batch_size, schedule, weight_decay, preparation)
             for strategy, optimizer in strata(space, start)
             for lr, batch_size, schedule, weight_decay, preparation in itertools.product(
@@ -129,8 +145,8 @@ def best_at(records: list[dict], epoch: int, higher_is_better: bool) -> dict | N
 
 class RunCache:
     """One JSON file per finished run, keyed by everything that determines its curve: the context (start model,
-    data, objective), the attack settings and the seed. From scratch the strategy and the preparations do not apply,
-    so runs that differ only in them share one entry. A run stopped early by the pruner is stored with
+    data, objective), the attack settings and the seed. From scratch the strategy, LoRA and BatchNorm recalibration
+    do not apply, so runs that differ only in them share one entry. A run stopped early by the pruner is stored with
     `complete: false`; it is extended (recomputed) only if a later search promotes it further."""
 
     def __init__(self, folder: str | Path, context: dict):
@@ -139,7 +155,7 @@ class RunCache:
 
     def key(self, settings: AttackSettings, seed: int, *, from_scratch: bool) -> str:
         if from_scratch:
-            settings = replace(settings, strategy=SCRATCH, lora_rank=0, recalibrate_bn=False, shrink=1.0, perturb=0.0)
+            settings = replace(settings, strategy=SCRATCH, lora_rank=0, recalibrate_bn=False)
         blob = json.dumps({**self.context, "settings": asdict(settings), "seed": seed}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -337,10 +353,10 @@ def run_search(build: Callable[[], torch.nn.Module], objective, adversary, test,
     returns a fresh copy of the start's model. `on_run(record)` sees every run (phase, trial, seed, curve, cached).
     Returns the search document."""
     higher = objective.higher_is_better
-    lora_rank, sp = cfg["lora_rank"], cfg["space"].get("shrink_perturb")
+    lora_rank = cfg["lora_rank"]
 
     def one(trial: Trial, seed: int, epochs: int, phase: str, keep_going=None) -> dict:
-        record, cached = cached_finetune(cache, build, trial.settings(epochs, lora_rank, sp), seed,
+        record, cached = cached_finetune(cache, build, trial.settings(epochs, lora_rank), seed,
                                          from_scratch=start == SCRATCH, objective=objective, adversary=adversary,
                                          test=test, device=device, keep_going=keep_going)
         if on_run is not None:

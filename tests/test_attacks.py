@@ -60,9 +60,11 @@ def test_each_knob_changes_the_run_reproducibly(digits, knobs):
     assert not same(first, reference)
 
 
-def test_from_scratch_takes_no_preparation(digits):
-    assert same(run(digits, from_scratch=True), run(digits, from_scratch=True, shrink=0.5, perturb=0.1,
-                                                    recalibrate_bn=True))
+def test_from_scratch_takes_no_recalibration_and_shrink_perturb_as_an_init_scale(digits):
+    assert same(run(digits, from_scratch=True), run(digits, from_scratch=True, recalibrate_bn=True))
+    scaled = run(digits, from_scratch=True, shrink=0.5, perturb=0.1)
+    assert same(scaled, run(digits, from_scratch=True, shrink=0.5, perturb=0.1))
+    assert not same(scaled, run(digits, from_scratch=True))
 
 
 def test_warmup_epochs_become_steps(digits, monkeypatch):

@@ -29,7 +29,13 @@ def test_grid_and_plan_give_every_stratum_its_turn():
     assert len(full) == 3 * 2 * 3 * 2 * 2 and len(set(full)) == len(full)
     assert {t.strategy for t in grid(SPACE, "scratch")} == {"scratch"} and len(grid(SPACE, "scratch")) == 24
     assert len(grid({**SPACE, "preparations": ["none", "shrink_perturb"]}, "sophon")) == 2 * len(full)
-    assert len(grid({**SPACE, "preparations": ["none", "shrink_perturb"]}, "scratch")) == 24  # none from scratch
+    two = {**SPACE, "preparations": ["none", "recalibrate_bn", "shrink_perturb"],
+           "shrink_perturb": [{"shrink": 0.5, "perturb": 0.01}, {"shrink": 0.3, "perturb": 0.05}]}
+    assert {t.preparation for t in grid(two, "sophon")} == {"none", "recalibrate_bn", "shrink_perturb@0.5/0.01",
+                                                            "shrink_perturb@0.3/0.05"}
+    # From scratch shrink-and-perturb is an init scale; recalibrating a fresh model's statistics is not searched.
+    assert {t.preparation for t in grid(two, "scratch")} == {"none", "shrink_perturb@0.5/0.01", "shrink_perturb@0.3/0.05"}
+    assert len(grid(two, "scratch")) == 3 * 24
     whole = plan(SPACE, "sophon", 0)  # 0: every grid configuration, fixed in full
     assert len(whole) == 72 and {Trial(**t) for t in whole} == set(full)
 
@@ -181,6 +187,16 @@ def test_search_finds_the_planted_best_and_caches_every_run(tmp_path):
     # From scratch the strategy does not apply: paired attacks that differ only in it share one run.
     assert cache.key(replace(settings, strategy="initFC+FC"), 0, from_scratch=True) == key
     assert cache.key(replace(settings, strategy="initFC+FC"), 0, from_scratch=False) != cache.key(settings, 0, from_scratch=False)
+    # ... but its init scale does.
+    assert cache.key(replace(settings, shrink=0.3, perturb=0.05), 0, from_scratch=True) != key
+
+
+def test_trial_settings_read_the_shrink_perturb_label():
+    settings = Trial("initFC+all", "adamw", 1e-3, 8, preparation="shrink_perturb@0.3/0.05").settings(5, 4)
+    assert (settings.shrink, settings.perturb, settings.recalibrate_bn) == (0.3, 0.05, False)
+    assert Trial("initFC+all", "adamw", 1e-3, 8, preparation="recalibrate_bn").settings(5, 4).recalibrate_bn
+    with pytest.raises(ValueError, match="preparation 'melt'"):
+        Trial("initFC+all", "adamw", 1e-3, 8, preparation="melt").settings(5, 4)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
