@@ -133,6 +133,9 @@ def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None
         changes.append("starts " + "/".join(sorted(starts - {"direct+all", "initFC+all"})))
     if set(settings.task_space.get("optimizers", [])) - {"adam", "momentum"}:
         changes.append("optimizers " + "/".join(sorted(set(settings.task_space["optimizers"]) - {"adam", "momentum"})))
+    if settings.task_space.get("shrink_perturb"):
+        changes.append("shrink-and-perturbed starts " + "/".join(
+            f"{float(sp['shrink']):g}:{float(sp['perturb']):g}" for sp in settings.task_space["shrink_perturb"]))
     if set(settings.task_space.get("schedules", ["constant"])) - {"constant"}:
         changes.append("scheduled inner lrs")
     if settings.step_weighting != "uniform" and settings.late_weight != 1.0:

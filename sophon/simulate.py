@@ -10,7 +10,10 @@ A simulated start is a fine-tuning strategy of sophon.strategies (the attack sea
 and no suppression gradient (a fresh tensor's gradient says nothing about the released one); what it freezes
 is not updated. The paper's two starts are `direct` and `initFC` (accepted as aliases). A `lora` adversary runs a
 replica with peft's adapters injected (sophon.strategies, rank `lora_rank`): only the adapters train, and the
-suppression gradient is taken at the frozen base weights, which is the first-order gradient at W + BA.
+suppression gradient is taken at the frozen base weights, which is the first-order gradient at W + BA. A start may
+also be shrunk and perturbed as the search's attacker does it (`shrink`, `perturb`; task_space `shrink_perturb`):
+the adversary starts at shrink·θ + perturb·θ_fresh, and the first-order gradient at θ is `shrink` times the one taken
+there.
 
 Suppression at depth at the adapted weights (`sophon.protect.DepthTerm`, `depth.at: adapted`): at each evaluation
 point the depth term of the same held-out batch, taken at the adapted weights (with a copy of their buffers, so the
@@ -37,7 +40,7 @@ import copy
 import itertools
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.func import functional_call, vmap
@@ -65,16 +68,25 @@ class SimulatedTask:
     schedule: str = "constant"
     seed: int = 0  # the start's re-initialisation
     lora_rank: int = 4  # a lora start's adapter rank
+    shrink: float = 1.0  # shrink-and-perturb of the trained, not re-initialised weights (1.0/0.0 = off)
+    perturb: float = 0.0
 
 
 def sample_task(space: dict, rng: random.Random) -> SimulatedTask:
-    """Draw a task from the configured sets; `lr_scale` multiplies lrs per optimiser (SGD needs larger ones)."""
+    """Draw a task from the configured sets; `lr_scale` multiplies lrs per optimiser (SGD needs larger ones).
+    With `shrink_perturb` settings, a start is prepared by one of them or by none, each equally likely (drawn
+    last, so a space without them draws what it always drew)."""
     optimizer = rng.choice(space["optimizers"])
     scale = space.get("lr_scale", {}).get(optimizer, 1.0)
-    return SimulatedTask(start=rng.choice(space["starts"]), optimizer=optimizer,
+    task = SimulatedTask(start=rng.choice(space["starts"]), optimizer=optimizer,
                          lr=rng.choice(space["lrs"]) * scale, batch_size=rng.choice(space["batch_sizes"]),
                          schedule=rng.choice(space.get("schedules", ["constant"])), seed=rng.randrange(2**31),
                          lora_rank=space.get("lora_rank", 4))
+    if space.get("shrink_perturb"):
+        chosen = rng.choice([None, *space["shrink_perturb"]])
+        if chosen is not None:
+            task = replace(task, shrink=float(chosen["shrink"]), perturb=float(chosen["perturb"]))
+    return task
 
 
 def step_weights(points: int, scheme: str = "uniform", late_weight: float = 1.0) -> list[float]:
@@ -104,23 +116,27 @@ class SimulationResult:
     depth_loss: float = 0.0  # weighted mean over the evaluation points of the depth term's MMD (before its weight)
 
 
-def simulated_start(model: torch.nn.Module, strategy: str, seed: int) -> tuple[dict[str, torch.Tensor], set[str], set[str]]:
-    """(fresh values by parameter name, names re-initialised, names the strategy trains) for `strategy`, prepared
-    by sophon.strategies on a copy, so the attack search and the simulation mean the same thing by a name."""
-    from sophon.strategies import prepare
+def simulated_start(model: torch.nn.Module, strategy: str, seed: int, shrink: float = 1.0,
+                    perturb: float = 0.0) -> tuple[dict[str, torch.Tensor], set[str], set[str], set[str]]:
+    """(start values by parameter name, names re-initialised, names the strategy trains, names shrunk) for
+    `strategy`, prepared by sophon.strategies on a copy, then shrunk and perturbed as the attack does it
+    (`sophon.attacks.finetune`: the same seed), so the attack search and the simulation mean the same thing by a
+    name. The start values are the re-initialised and the shrunk tensors'; the others start at the released ones."""
+    from sophon.strategies import prepare, shrink_perturb, shrinkable
 
     strategy = START_ALIASES.get(strategy, strategy)
     if strategy == "lora":
         raise ConfigError("simulated_start: a lora adversary runs an adapted replica (lora_replica)")
-    if strategy == "direct+all":
-        return {}, set(), {name for name, _ in model.named_parameters()}
+    if strategy == "direct+all" and (shrink, perturb) == (1.0, 0.0):
+        return {}, set(), {name for name, _ in model.named_parameters()}, set()
     replica = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):  # prepare() seeds torch's global generator; keep the caller's
         prepared = prepare(replica, strategy, seed=seed)
+        shrunk = set(shrink_perturb(replica, shrinkable(prepared), shrink, perturb, seed=seed))
     values = dict(replica.named_parameters())
     trainable = {id(p) for p in prepared.trainable}
-    fresh = {name: values[name].detach() for name in prepared.reinitialised}
-    return fresh, set(prepared.reinitialised), {name for name, p in values.items() if id(p) in trainable}
+    start = {name: values[name].detach() for name in {*prepared.reinitialised, *shrunk}}
+    return start, set(prepared.reinitialised), {name for name, p in values.items() if id(p) in trainable}, shrunk
 
 
 def lora_replica(model: torch.nn.Module, seed: int, rank: int) -> tuple[torch.nn.Module, dict[str, str], set[str]]:
@@ -159,10 +175,13 @@ class Adversary:
                 raise ConfigError("sophon.task_space.starts: a lora adversary takes no depth term at adapted weights "
                                   "(its weights are the adapted replica's); use depth.at: released")
             self.module, self.names, self.trained = lora_replica(model, task.seed, task.lora_rank)
-            fresh, self.reinitialised = {}, set()
+            fresh, self.reinitialised, shrunk = {}, set(), set()
         else:
-            fresh, self.reinitialised, self.trained = simulated_start(model, task.start, task.seed)
+            fresh, self.reinitialised, self.trained, shrunk = simulated_start(model, task.start, task.seed,
+                                                                              task.shrink, task.perturb)
             self.module, self.names = model, {name: name for name, _ in model.named_parameters()}
+        # d(adapted start)/d(released) per target: `shrink` for the shrunk tensors, 1 for the others.
+        self.scale = {name: task.shrink for name in shrunk}
         released = dict(model.named_parameters())
         self.params = {name: fresh.get(name, released[self.names[name]].detach() if name in self.names else p.detach())
                        .clone().requires_grad_(name in self.trained) for name, p in self.module.named_parameters()}
@@ -188,7 +207,7 @@ class Adversary:
             self.anchor = {name: p.clone() for name, p in released.items()}
             return
         for name, p in released.items():
-            self.params[name] += p - self.anchor[name]
+            self.params[name] += self.scale.get(name, 1.0) * (p - self.anchor[name])
             self.anchor[name].copy_(p)
 
     def draw(self, steps: int, eval_every: int) -> tuple[list, list]:
@@ -242,7 +261,8 @@ class Adversary:
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
-        return SimulationResult({self.names[name]: grad for name, grad in grads.items()}, weighted, last, depth)
+        return SimulationResult({self.names[name]: grad * self.scale.get(name, 1.0) for name, grad in grads.items()},
+                                weighted, last, depth)
 
 
 def batch_key(adversary: Adversary) -> tuple | None:
@@ -250,7 +270,7 @@ def batch_key(adversary: Adversary) -> tuple | None:
     objective whose losses draw random numbers, an optimiser that is not elementwise)."""
     task = adversary.task
     if (adversary.depth is not None or getattr(adversary.objective, "losses_draw", True)
-            or task.optimizer not in ELEMENTWISE or adversary.module is not adversary.model):
+            or task.optimizer not in ELEMENTWISE or adversary.module is not adversary.model or adversary.scale):
         return None
     return (frozenset(adversary.trained), task.optimizer, task.lr, task.batch_size, task.schedule,
             adversary.total_steps)

@@ -2,6 +2,7 @@
 weighting, the probe-selected checkpoint, diffusion suppression on a timestep range, and the variant's name."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from sophon.models import build_classifier, head_parameter_names
 from sophon.objectives import ClassificationObjective
 from sophon.protect import Probe, ProtectSettings, protect, variant_name
 from sophon.io import read_state
-from sophon.simulate import Adversary, SimulatedTask, eval_points, simulate_finetune, simulated_start, step_weights
+from sophon.simulate import (Adversary, SimulatedTask, eval_points, sample_task, simulate_finetune, simulated_start,
+                             step_weights)
 from sophon.strategies import model_stages, prepare
 
 CPU = torch.device("cpu")
@@ -37,7 +39,7 @@ def model():
 @pytest.mark.parametrize("strategy", ["reinit1+all", "reinit2+all", "reinit3+all", "initFC+FC", "initFC"])
 def test_simulated_start_reinitialises_what_the_attack_strategy_does(strategy):
     net = model()
-    fresh, reinitialised, trained = simulated_start(net, strategy, seed=5)
+    fresh, reinitialised, trained, shrunk = simulated_start(net, strategy, seed=5)
     # The same names as the attack's own preparation of a copy, and the model itself untouched.
     expected = prepare(copy.deepcopy(net), {"initFC": "initFC+all"}.get(strategy, strategy), seed=5)
     assert reinitialised == set(expected.reinitialised) == set(fresh)
@@ -53,7 +55,7 @@ def test_simulated_start_reinitialises_what_the_attack_strategy_does(strategy):
     for name, value in fresh.items():
         assert torch.equal(value, prepared[name]), name  # the same fresh values for the same seed
         assert value.dim() == 1 or not torch.equal(value, params[name]), name
-    assert trained == (head if strategy == "initFC+FC" else set(params))
+    assert trained == (head if strategy == "initFC+FC" else set(params)) and shrunk == set()
 
 
 @pytest.mark.parametrize("strategy", ["reinit1+all", "initFC+FC"])
@@ -67,7 +69,7 @@ def test_simulation_gives_no_gradient_to_fresh_tensors_and_keeps_the_model(tiny,
                                generator=torch.Generator().manual_seed(0))
     for name, value in net.state_dict().items():
         assert torch.equal(value, before[name]), name
-    _, reinitialised, _ = simulated_start(net, strategy, seed=1)
+    _, reinitialised, _, _ = simulated_start(net, strategy, seed=1)
     assert set(result.grads) == {n for n, _ in net.named_parameters()} - reinitialised
     assert any(g.abs().sum() > 0 for name, g in result.grads.items() if name.startswith("net.layer1."))
 
@@ -116,6 +118,85 @@ def test_a_lora_adversary_before_any_step_is_the_released_model(tiny):
     for name in direct.grads:
         assert torch.allclose(lora.grads[name], direct.grads[name], rtol=1e-5, atol=1e-7), name
     assert lora.suppression_loss == pytest.approx(direct.suppression_loss, rel=1e-6)
+
+
+# --- shrink-and-perturb adversaries ---------------------------------------------------------------------------
+
+def sp_adversary(net, defender, start="initFC+all", shrink=0.3, perturb=0.05):
+    task = SimulatedTask(start=start, optimizer="adam", lr=1e-2, batch_size=16, seed=3, shrink=shrink, perturb=perturb)
+    return Adversary(net, ClassificationObjective("ice"), task, defender.subset(range(60)),
+                     defender.subset(range(60, 120)), total_steps=4, eval_batch_size=16,
+                     generator=torch.Generator().manual_seed(0))
+
+
+def test_a_shrink_perturb_start_is_the_attacks_own_preparation():
+    from sophon.strategies import shrink_perturb, shrinkable
+
+    net = model()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    start, reinitialised, trained, shrunk = simulated_start(net, "initFC+all", seed=5, shrink=0.3, perturb=0.05)
+    expected = prepare(copy.deepcopy(net), "initFC+all", seed=5)
+    changed = shrink_perturb(expected.model, shrinkable(expected), 0.3, 0.05, seed=5)  # what the attack runs
+    assert shrunk == set(changed) == set(trained) - reinitialised and reinitialised == set(expected.reinitialised)
+    attacked = dict(expected.model.named_parameters())
+    assert set(start) == shrunk | reinitialised
+    for name, value in start.items():
+        assert torch.equal(value, attacked[name]), name
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, before[name]), name  # the model untouched
+
+
+def test_a_shrunk_adversarys_gradient_is_the_chain_rule_through_its_start(tiny):
+    # Before any step the adapted weights are shrink·θ + perturb·θ_fresh: the first-order gradient at θ is
+    # shrink times the suppression gradient there (closed form by autograd through the start itself).
+    from torch.func import functional_call
+
+    _, defender = tiny
+    net = model()
+    adversary = sp_adversary(net, defender)
+    eval_images, _ = adversary.draw(0, 1)
+    images, labels = eval_images[0]
+    result = adversary.run(0, 1, drawn=([(images, labels)], []))
+    start, reinitialised, _, shrunk = simulated_start(net, "initFC+all", seed=3, shrink=0.3, perturb=0.05)
+    released = {n: p.detach().clone().requires_grad_(n not in reinitialised) for n, p in net.named_parameters()}
+    fresh = {n: (start[n] - 0.3 * released[n].detach()) / 0.05 for n in shrunk}  # θ_fresh of the same seed
+    adapted = {n: (0.3 * released[n] + 0.05 * fresh[n] if n in shrunk else start[n] if n in reinitialised
+                   else released[n]) for n in released}
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+    loss = ClassificationObjective("ice").suppression_loss(
+        lambda *args: functional_call(net, (adapted, buffers), args), images, labels, torch.Generator())
+    targets = [n for n in released if n not in reinitialised]
+    expected = dict(zip(targets, torch.autograd.grad(loss, [released[n] for n in targets])))
+    assert set(result.grads) == set(targets) and shrunk
+    for name in targets:
+        assert torch.allclose(result.grads[name], expected[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_a_shrunk_adversary_follows_the_release_by_shrink_times_its_change(tiny):
+    _, defender = tiny
+    net = model()
+    adversary = sp_adversary(net, defender)
+    adversary.run(0, 1)
+    name = "net.layer1.0.conv1.weight"
+    assert adversary.scale[name] == 0.3
+    before = adversary.params[name].detach().clone()
+    with torch.no_grad():
+        dict(net.named_parameters())[name].add_(1.0)
+    adversary.follow()
+    assert torch.allclose(adversary.params[name].detach() - before, torch.full_like(before, 0.3))
+
+
+def test_sample_task_draws_shrink_perturb_only_when_asked():
+    import random
+
+    space = {"starts": ["initFC"], "optimizers": ["adam"], "lrs": [1e-3], "batch_sizes": [16]}
+    plain = [sample_task(space, random.Random(i)) for i in range(40)]
+    assert all((t.shrink, t.perturb) == (1.0, 0.0) for t in plain)
+    drawn = [sample_task({**space, "shrink_perturb": [{"shrink": 0.3, "perturb": 0.05}]}, random.Random(i))
+             for i in range(40)]
+    assert {(t.shrink, t.perturb) for t in drawn} == {(1.0, 0.0), (0.3, 0.05)}
+    # The draw comes last: everything else is what the plain space draws.
+    assert [replace(t, shrink=1.0, perturb=0.0) for t in drawn] == plain
 
 
 # --- inner-step weighting -----------------------------------------------------------------------------------
@@ -309,9 +390,11 @@ def test_variant_name_lists_each_change_from_the_paper():
     assert variant_name(ProtectSettings(), None, "inverse_noise") == "paper + inverse_noise suppression"
     changed = ProtectSettings(step_weighting="exponential", late_weight=4.0, select="probe", persist_loops=5,
                               task_space={"starts": ["direct", "reinit1+all"], "schedules": ["constant", "cosine"],
-                                          "optimizers": ["adam", "adagrad"]})
+                                          "optimizers": ["adam", "adagrad"],
+                                          "shrink_perturb": [{"shrink": 0.3, "perturb": 0.05}]})
     assert variant_name(changed, [0, 500]) == (
-        "paper + starts reinit1+all + optimizers adagrad + scheduled inner lrs + exponential step weights ×4 "
+        "paper + starts reinit1+all + optimizers adagrad + shrink-and-perturbed starts 0.3:0.05 + scheduled inner lrs "
+        "+ exponential step weights ×4 "
         "+ adversaries persist 5 loops + probe-selected checkpoint + suppression on t in [0, 500)")
 
 
