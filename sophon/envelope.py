@@ -71,15 +71,16 @@ def envelope(runs: Mapping[str, Sequence[Sequence[float]]], higher_is_better: bo
     """The attacker's best configuration at each epoch.
 
     `runs` maps a configuration name to its seed curves (each epochs 0..E_c; one length per configuration). With
-    `keep_best` every seed curve is first replaced by its `best_so_far` (the attacker keeps its best checkpoint);
-    without, the value at epoch e is the last checkpoint's. At epoch e the configurations whose curves reach e compete
-    (a configuration confirmed at a shorter horizon speaks only for its epochs), and the one whose seed-mean is best
-    at e is picked (first in `runs` order on ties); the result, over epochs 0..max E_c, holds that configuration's
+    `keep_best` every seed curve is first replaced by its `best_so_far` (the attacker keeps its best checkpoint), and
+    epoch e is a budget: an attacker allowed e epochs may stop at E_c < e, so a configuration confirmed at a shorter
+    horizon holds its final best beyond it, and the envelope never falls. Without, the value at epoch e is the last
+    checkpoint's and only the configurations whose curves reach e compete. At each epoch the one whose seed-mean is
+    best there is picked (first in `runs` order on ties); the result, over epochs 0..max E_c, holds that configuration's
     seed-mean, population std over its seeds and name: ``{"mean": [...], "std": [...], "config": [...]}``.
     """
     if not runs:
         raise EnvelopeInputError("envelope of no configurations")
-    names, means, stds = [], [], []
+    names, means, stds, horizons = [], [], [], []
     for name, seeds in runs.items():
         if keep_best:
             seeds = [best_so_far(curve, higher_is_better) for curve in seeds]
@@ -90,8 +91,13 @@ def envelope(runs: Mapping[str, Sequence[Sequence[float]]], higher_is_better: bo
         if curves.ndim != 2 or curves.shape[0] == 0 or curves.shape[1] == 0:
             raise EnvelopeInputError(f"configuration {name!r}: expected a non-empty list of equal-length seed curves")
         names.append(name)
+        horizons.append(curves.shape[1])
         means.append(curves.mean(axis=0))
         stds.append(curves.std(axis=0))  # ddof=0: population std, 0.0 for one seed
+    if keep_best:  # a budget: the shorter configurations stop at their horizon and keep their best
+        longest = max(horizons)
+        means = [np.pad(m, (0, longest - len(m)), mode="edge") for m in means]
+        stds = [np.pad(d, (0, longest - len(d)), mode="edge") for d in stds]
     out = {"mean": [], "std": [], "config": []}
     for e in range(max(len(m) for m in means)):
         here = [i for i, m in enumerate(means) if len(m) > e]

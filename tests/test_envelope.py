@@ -69,6 +69,17 @@ def test_envelope_keep_best_evens_out_a_dip_before_choosing():
     assert kept["std"] == pytest.approx([0, 5, 5, 1])  # seeds hold 90 and 80 at epoch 2, then 91 and 89
 
 
+def test_envelope_keep_best_is_a_budget_a_short_horizon_holds_its_best_beyond_it():
+    # "short" was confirmed for 2 epochs and holds 90; "long" reaches only 85 by epoch 4. With a budget of 3 or 4
+    # epochs the attacker may stop after 2: the envelope keeps 90 there and never falls.
+    runs = {"long": [[10, 40, 60, 70, 85], [10, 40, 60, 70, 85]], "short": [[10, 50, 92], [10, 60, 88]]}
+    kept = envelope(runs, True, keep_best=True)
+    assert kept["config"] == ["long", "short", "short", "short", "short"]
+    assert kept["mean"] == pytest.approx([10, 55, 90, 90, 90]) and kept["std"] == pytest.approx([0, 5, 2, 2, 2])
+    # Read by last checkpoint only the configurations that ran that long compete.
+    assert envelope(runs, True)["config"][3:] == ["long", "long"]
+
+
 def test_envelope_never_prefers_nan_and_rejects_ragged_seeds():
     env = envelope({"diverged": [[1.0, float("nan"), float("nan")]], "ok": [[1.0, 0.9, 0.8]]}, False)
     assert env["config"] == ["diverged", "ok", "ok"]
