@@ -6,8 +6,9 @@ Every start (scratch, original, NTL, Sophon) gets the same budget and picks its 
      (`halving.pruner`: successive halving, or Hyperband's brackets of it) stops a run at a rung (1, 3, 9, … epochs
      for `min_epochs` 1 and `reduction` 3) unless it is in the best 1/`reduction` of the runs that reached that rung.
      So many configurations get one epoch and the promising ones the longer horizons.
-  2. candidates: the best configuration at each of `candidate_epochs` (and the coarse end), by the best quality it
-     held by then, and the `confirm_top` best by area among the runs that finished the coarse horizon;
+  2. candidates: the `candidate_top` best configurations at each of `candidate_epochs` (and the coarse end), by the
+     best quality they held by then (more than one blunts the winner's curse of a single coarse seed), and the
+     `confirm_top` best by area among the runs that finished the coarse horizon;
   3. confirm: every candidate at every seed of `seeds`: the area-best for `epochs` epochs (the long horizon), the
      per-epoch candidates for the coarse horizon they won at (the same schedule), so an attack that wins at epochs
      1–3 is measured over seeds where it wins. The envelope (sophon.envelope) takes, at each epoch, the best
@@ -128,17 +129,12 @@ def top(records: list[dict], k: int, higher_is_better: bool) -> list[dict]:
     return [record for _, record in ranked[:k]]
 
 
-def best_at(records: list[dict], epoch: int, higher_is_better: bool) -> dict | None:
-    """The record holding the best quality by `epoch` (its best checkpoint so far), among records that reached it;
-    ties go to the earlier record, NaN never wins."""
-    best, best_key = None, None
-    for record in records:
-        if len(record["curve"]) <= epoch:
-            continue
-        key = oriented(best_so_far(record["curve"], higher_is_better)[epoch], higher_is_better)
-        if best_key is None or key > best_key:
-            best, best_key = record, key
-    return best
+def best_at(records: list[dict], epoch: int, higher_is_better: bool, k: int = 1) -> list[dict]:
+    """The `k` records holding the best quality by `epoch` (their best checkpoint so far), best first, among records
+    that reached it; ties go to the earlier record, NaN never wins."""
+    keyed = [(-oriented(best_so_far(record["curve"], higher_is_better)[epoch], higher_is_better), i, record)
+             for i, record in enumerate(records) if len(record["curve"]) > epoch]
+    return [record for _, _, record in sorted(keyed, key=lambda item: item[:2])[:k]]
 
 
 # --- the per-run cache ---------------------------------------------------------------------------------------
@@ -340,9 +336,8 @@ def candidates(coarse: list[dict], cfg: dict, higher: bool) -> list[tuple[dict, 
         add(record, cfg["epochs"], f"area #{rank}")
     for epoch in sorted({*cfg.get("candidate_epochs", []), cfg["coarse_epochs"]}):
         if epoch <= cfg["coarse_epochs"]:
-            record = best_at(coarse, epoch, higher)
-            if record is not None:
-                add(record, cfg["coarse_epochs"], f"epoch {epoch}")
+            for rank, record in enumerate(best_at(coarse, epoch, higher, cfg.get("candidate_top", 1)), 1):
+                add(record, cfg["coarse_epochs"], f"epoch {epoch}" + (f" #{rank}" if rank > 1 else ""))
     return list(chosen.values())
 
 

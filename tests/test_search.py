@@ -111,6 +111,11 @@ def test_candidates_hold_the_best_at_each_epoch_and_by_area():
     low = {(r["name"], h) for r, h, _ in candidates([record("a", [1, 0.5, 0.2]), record("b", [1, 0.3, 0.6])],
                                                    {**cfg, "coarse_epochs": 2, "candidate_epochs": [1]}, False)}
     assert low == {("a", 50), ("b", 2), ("a", 2)}  # MSE: lower wins; b holds 0.3 from epoch 1 on
+    # Two per candidate epoch: the runner-up at each epoch joins, named as such.
+    two = {(r["name"], horizon): why for r, horizon, why in candidates([fast, slow, cut], {**cfg, "candidate_top": 2},
+                                                                       True)}
+    assert two == {("slow", 50): ["area #1"], ("cut", 4): ["epoch 1"], ("fast", 4): ["epoch 1 #2", "epoch 2", "epoch 4 #2"],
+                   ("slow", 4): ["epoch 2 #2", "epoch 4"]}
 
 
 def test_a_pruned_run_is_cached_and_extended_when_promoted(tmp_path):

@@ -46,9 +46,10 @@ def summarize(docs: dict[str, dict], search: dict, redteam: dict[str, dict] | No
               "space": {"strategies": space["strategies"], "optimizers": space["optimizers"],
                         "lrs": {o: lr_values(space["lrs"][o]) for o in space["optimizers"]},
                         "batch_sizes": space["batch_sizes"], "schedules": space["schedules"],
-                        "weight_decays": space["weight_decays"], "preparations": space.get("preparations", ["none"])},
+                        "weight_decays": space["weight_decays"], "preparations": space.get("preparations", ["none"]),
+                        "shrink_perturb": space.get("shrink_perturb", [])},
               "budget": {k: search[k] for k in ("trials", "halving", "coarse_epochs", "candidate_epochs", "coarse_seed",
-                                                "confirm_top", "seeds") if k in search},
+                                                "confirm_top", "candidate_top", "seeds") if k in search},
               "starts": starts}
     if "sophon" in starts and "scratch" in starts:
         result.update(_verdict(starts, higher))
@@ -153,8 +154,8 @@ def section(e: dict, figure: Path, epochs: list[int]) -> Section:
               f"scratch the strategy axis does not apply and shrink-and-perturb is an init scale), fine-tuned by successive halving "
               f"({halving.get('pruner', 'successive_halving')}, rungs from {halving.get('min_epochs', 1)} epoch, "
               f"reduction {halving.get('reduction', 3)}) up to {b['coarse_epochs']} epochs. Confirmed at seeds "
-              f"{b['seeds']}: the best {b['confirm_top']} by area for {e['epochs']} epochs, and the best at each of epochs "
-              f"{b.get('candidate_epochs', [])} and the coarse end for the coarse horizon. The envelope is, at each epoch e, "
+              f"{b['seeds']}: the best {b['confirm_top']} by area for {e['epochs']} epochs, and the best {b.get('candidate_top', 1)} at "
+              f"each of epochs {b.get('candidate_epochs', [])} and the coarse end for the coarse horizon. The envelope is, at each epoch e, "
               f"the best confirmed configuration with a budget of e epochs: mean ± std over the seeds of the best "
               f"checkpoint each run holds by then (a shorter horizon keeps its final best beyond it). Score = area under the curve (mean over epochs 1…E{'' if higher else ', negated MSE'})."]
     shown = [x for x in epochs if x <= e["epochs"]]
