@@ -18,13 +18,6 @@ from sophon.protect import DEPTH, DepthTerm, ProtectSettings, protect, variant_n
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    shapes = load_domain("shapes10", DomainRequest(size=16, options={"n": 120}))
-    digits = load_domain("digits", DomainRequest(size=16))
-    return shapes, digits.subset(range(120))
-
-
 def resnet():
     torch.manual_seed(0)
     return build_classifier("test_resnet", 10).eval()

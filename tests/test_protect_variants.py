@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from sophon.config import load_params
-from sophon.data import DomainRequest, ImageSet, load_domain
+from sophon.data import ImageSet
 from sophon.errors import ConfigError
 from sophon.models import build_classifier, head_parameter_names
 from sophon.objectives import ClassificationObjective
@@ -20,13 +20,6 @@ from sophon.simulate import (Adversary, SimulatedTask, eval_points, sample_task,
 from sophon.strategies import model_stages, prepare
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    shapes = load_domain("shapes10", DomainRequest(size=16, options={"n": 120}))
-    digits = load_domain("digits", DomainRequest(size=16))
-    return shapes, digits.subset(range(120))
 
 
 def model():
