@@ -97,7 +97,8 @@ def _preparations(space: dict, start: str) -> list[str]:
     labels = []
     for name in space.get("preparations", ["none"]):
         if name == "shrink_perturb":
-            labels += [shrink_perturb_label(sp) for sp in space.get("shrink_perturb", [{"shrink": 0.5, "perturb": 0.01}])]
+            settings = space.get("shrink_perturb", [{"shrink": 0.5, "perturb": 0.01}])
+            labels += [shrink_perturb_label(sp) for sp in settings]
         elif start != SCRATCH or name == "none":
             labels.append(name)
     return labels or ["none"]

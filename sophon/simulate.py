@@ -12,8 +12,8 @@ is not updated. The paper's two starts are `direct` and `initFC` (accepted as al
 replica with peft's adapters injected (sophon.strategies, rank `lora_rank`): only the adapters train, and the
 suppression gradient is taken at the frozen base weights, which is the first-order gradient at W + BA. A start may
 also be shrunk and perturbed as the search's attacker does it (`shrink`, `perturb`; task_space `shrink_perturb`):
-the adversary starts at shrink·θ + perturb·θ_fresh, and the first-order gradient at θ is `shrink` times the one taken
-there.
+the adversary starts at shrink·θ + perturb·θ_fresh, and the first-order gradient at θ is `shrink` times the one
+taken there.
 
 Suppression at depth at the adapted weights (`sophon.protect.DepthTerm`, `depth.at: adapted`): at each evaluation
 point the depth term of the same held-out batch, taken at the adapted weights (with a copy of their buffers, so the

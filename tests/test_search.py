@@ -114,7 +114,8 @@ def test_candidates_hold_the_best_at_each_epoch_and_by_area():
     # Two per candidate epoch: the runner-up at each epoch joins, named as such.
     two = {(r["name"], horizon): why for r, horizon, why in candidates([fast, slow, cut], {**cfg, "candidate_top": 2},
                                                                        True)}
-    assert two == {("slow", 50): ["area #1"], ("cut", 4): ["epoch 1"], ("fast", 4): ["epoch 1 #2", "epoch 2", "epoch 4 #2"],
+    assert two == {("slow", 50): ["area #1"], ("cut", 4): ["epoch 1"],
+                   ("fast", 4): ["epoch 1 #2", "epoch 2", "epoch 4 #2"],
                    ("slow", 4): ["epoch 2 #2", "epoch 4"]}
 
 

@@ -150,14 +150,16 @@ def section(e: dict, figure: Path, epochs: list[int]) -> Section:
     halving = b.get("halving", {})
     blocks = [verdict_line(e), head_start_line(e), f"Spread rule: {e.get('spread_rule', 'n/a')}",
               f"Every start searched the same space with the same budget: {b['trials']} configurations at seed "
-              f"{b['coarse_seed']} (the strata strategy × optimiser taking turns, the rest sampled by Optuna's TPE; from "
-              f"scratch the strategy axis does not apply and shrink-and-perturb is an init scale), fine-tuned by successive halving "
-              f"({halving.get('pruner', 'successive_halving')}, rungs from {halving.get('min_epochs', 1)} epoch, "
-              f"reduction {halving.get('reduction', 3)}) up to {b['coarse_epochs']} epochs. Confirmed at seeds "
-              f"{b['seeds']}: the best {b['confirm_top']} by area for {e['epochs']} epochs, and the best {b.get('candidate_top', 1)} at "
-              f"each of epochs {b.get('candidate_epochs', [])} and the coarse end for the coarse horizon. The envelope is, at each epoch e, "
-              f"the best confirmed configuration with a budget of e epochs: mean ± std over the seeds of the best "
-              f"checkpoint each run holds by then (a shorter horizon keeps its final best beyond it). Score = area under the curve (mean over epochs 1…E{'' if higher else ', negated MSE'})."]
+              f"{b['coarse_seed']} (the strata strategy × optimiser taking turns, the rest sampled by Optuna's TPE; "
+              f"from scratch the strategy axis does not apply and shrink-and-perturb is an init scale), fine-tuned by "
+              f"successive halving ({halving.get('pruner', 'successive_halving')}, rungs from "
+              f"{halving.get('min_epochs', 1)} epoch, reduction {halving.get('reduction', 3)}) up to "
+              f"{b['coarse_epochs']} epochs. Confirmed at seeds {b['seeds']}: the best {b['confirm_top']} by area for "
+              f"{e['epochs']} epochs, and the best {b.get('candidate_top', 1)} at each of epochs "
+              f"{b.get('candidate_epochs', [])} and the coarse end for the coarse horizon. The envelope is, at each "
+              f"epoch e, the best confirmed configuration with a budget of e epochs: mean ± std over the seeds of the "
+              f"best checkpoint each run holds by then (a shorter horizon keeps its final best beyond it). Score = "
+              f"area under the curve (mean over epochs 1…E{'' if higher else ', negated MSE'})."]
     shown = [x for x in epochs if x <= e["epochs"]]
     rows = []
     for start, s in e["starts"].items():
