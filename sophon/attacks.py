@@ -85,8 +85,9 @@ def finetune(model: torch.nn.Module, adversary: ImageSet, test: ImageSet, settin
     """Supervised fine-tuning with a strategy (paper Table I, plus re-initialised blocks and LoRA). From scratch,
     every weight of the randomly initialised model is trained, the strategy and BatchNorm recalibration do not
     apply, and shrink-and-perturb sets the init scale (a seeded second init as the perturbation). Otherwise:
-    strategy → shrink-and-perturb → BatchNorm recalibration (sophon.strategies), then the optimiser. The recipe knobs (warm-up, label smoothing, clipping, shift) apply in both cases; at their
-    defaults the run takes exactly the plain path (no clipping call, no extra random draws)."""
+    strategy → shrink-and-perturb → BatchNorm recalibration (sophon.strategies), then the optimiser. The recipe
+    knobs (warm-up, label smoothing, clipping, shift) apply in both cases; at their defaults the run takes exactly
+    the plain path (no clipping call, no extra random draws)."""
     from sophon.objectives import ClassificationObjective
     from sophon.strategies import prepare, recalibrate_batchnorm, shrink_perturb, shrinkable
 
