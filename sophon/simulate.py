@@ -207,7 +207,8 @@ class Adversary:
             self.anchor = {name: p.clone() for name, p in released.items()}
             return
         for name, p in released.items():
-            self.params[name] += self.scale.get(name, 1.0) * (p - self.anchor[name])
+            change = p - self.anchor[name]
+            self.params[name] += change * self.scale[name] if name in self.scale else change
             self.anchor[name].copy_(p)
 
     def draw(self, steps: int, eval_every: int) -> tuple[list, list]:
@@ -261,8 +262,9 @@ class Adversary:
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
-        return SimulationResult({self.names[name]: grad * self.scale.get(name, 1.0) for name, grad in grads.items()},
-                                weighted, last, depth)
+        for name, factor in self.scale.items():  # the chain rule through a shrunk start
+            grads[name] *= factor
+        return SimulationResult({self.names[name]: grad for name, grad in grads.items()}, weighted, last, depth)
 
 
 def batch_key(adversary: Adversary) -> tuple | None:
