@@ -286,7 +286,8 @@ def coarse_search(run: Callable, cfg: dict, start: str, higher: bool) -> list[di
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     halving, epochs = cfg["halving"], cfg["coarse_epochs"]
 
-    study = optuna.create_study(direction="maximize", pruner=_pruner(halving, epochs),
+    # A fixed study name: Hyperband assigns brackets by a hash of it (a random name would change the cuts per run).
+    study = optuna.create_study(study_name="sophon-search", direction="maximize", pruner=_pruner(halving, epochs),
                                 sampler=optuna.samplers.TPESampler(seed=cfg["coarse_seed"]))
     records, seen = [], {}
     planned = plan(cfg["space"], start, cfg["trials"])

@@ -79,6 +79,14 @@ def test_successive_halving_starts_many_and_promotes_the_best():
     assert coarse_search(again, cfg, "sophon", higher=True) == records  # seeded: the same trials, the same cuts
 
 
+def test_hyperband_cuts_are_reproducible():
+    cfg = {"space": SPACE, "trials": 20, "coarse_epochs": 9, "coarse_seed": 0,
+           "halving": {"pruner": "hyperband", "min_epochs": 1, "reduction": 3}}
+    runs = [coarse_search(_fake_run(lambda t, e: 100 * t.lr * e / (e + 1))[0], cfg, "sophon", higher=True)
+            for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2]  # its brackets hash the study name: a fixed one
+
+
 def test_a_stratum_whose_values_are_spent_gives_no_repeats(monkeypatch):
     space = {"strategies": ["direct+all", "lora"], "optimizers": ["adam"], "lrs": {"adam": {"low": 1e-3, "high": 1e-2, "count": 2}},
              "batch_sizes": [8], "schedules": ["constant"], "weight_decays": [0.0]}
