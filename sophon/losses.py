@@ -136,3 +136,44 @@ def mmd_to_noise(features, generator: torch.Generator, max_dims: int = 256) -> t
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         total = total + gaussian_mmd2(x, noise)
     return total / len(features)
+
+
+PROBE_RIDGE = 1.0  # the probe's ridge on standardised features (kernel scaled by 1/d): scale-free
+
+
+def probe_readout(features, labels: torch.Tensor, ridge: float = PROBE_RIDGE, max_dims: int = 256) -> torch.Tensor:
+    """Suppression at depth by information, not by distribution (the probe penalty of self-destructing models,
+    Henderson et al. 2023): how much of the restricted labels a linear probe reads from each stage's features.
+    For each stage, x = pooled_features(h) standardised over the batch (per dimension, so shrinking the weights
+    hides nothing), the batch split in halves A and B, Y the one-hot labels. A ridge probe fitted on A (kernel form,
+    K = Z Zᵀ/d):  Ŷ_B = ȳ_A + K_BA (K_AA + ridge·I)⁻¹ (Y_A − ȳ_A), and its held-out fit
+        R²_{A→B} = 1 − ‖Y_B − Ŷ_B‖² / ‖Y_B − ȳ_A‖²;
+    the stage's value is max(0, mean(R²_{A→B}, R²_{B→A})) (a probe no better than the mean reads nothing), the
+    loss the mean over stages. Minimising it leaves no stage from which a linear probe predicts the restricted
+    labels. Needs a batch of ≥ 4; a class absent from the batch adds nothing (its one-hot column is 0 throughout). `features`: one tensor or a list of them (one per stage)."""
+    if isinstance(features, torch.Tensor):
+        features = [features]
+    if not features:
+        raise ValueError("probe_readout: no stage features")
+    if len(labels) < 4:
+        raise ValueError(f"probe_readout: a batch of {len(labels)}; the cross-fitted probe needs at least 4")
+    half = len(labels) // 2
+    total = 0.0
+    for h in features:
+        x = pooled_features(h, max_dims)
+        var = x.var(0, unbiased=False)
+        z = (x - x.mean(0)) / (var + 1e-5 * var.mean() + 1e-12).sqrt()  # a relative floor: scale-free
+        y = F.one_hot(labels.to(x.device).long()).to(z.dtype)
+        parts = ((z[:half], y[:half]), (z[half:], y[half:]))
+        fits = [_ridge_r2(*parts[0], *parts[1], ridge), _ridge_r2(*parts[1], *parts[0], ridge)]
+        total = total + ((fits[0] + fits[1]) / 2).clamp_min(0)
+    return total / len(features)
+
+
+def _ridge_r2(z_fit, y_fit, z_test, y_test, ridge: float) -> torch.Tensor:
+    """Held-out R² of a kernel ridge probe fitted on (z_fit, y_fit) and scored on (z_test, y_test)."""
+    d = z_fit.shape[1]
+    mean = y_fit.mean(0)
+    kernel = z_fit @ z_fit.T / d + ridge * torch.eye(len(z_fit), dtype=z_fit.dtype, device=z_fit.device)
+    predicted = mean + (z_test @ z_fit.T / d) @ torch.linalg.solve(kernel, y_fit - mean)
+    return 1 - (y_test - predicted).pow(2).sum() / (y_test - mean).pow(2).sum().clamp_min(1e-12)

@@ -38,7 +38,7 @@ from sophon.data import ImageSet
 from sophon.errors import ConfigError
 from sophon.features import STAGE_SELECTIONS, feature_stages, stage_features
 from sophon.io import read_state, write_state
-from sophon.losses import mmd_to_noise
+from sophon.losses import mmd_to_noise, probe_readout
 from sophon.objectives import Objective
 from sophon.simulate import START_ALIASES, Adversary, group_adversaries, run_adversaries, sample_task
 from sophon.train import endless_batches, progress
@@ -77,8 +77,9 @@ class ProtectSettings:
 PROBE = {"strategy": "initFC+all", "optimizer": "adagrad", "lr": 0.01, "batch_size": 100, "epochs": 2,
          "schedule": "constant", "weight_decay": 0.0}
 SELECTIONS = ("last", "probe", "redteam")  # redteam: the probes are the red team's held-out attacks
-DEPTH = {"weight": 0.0, "stages": "all", "at": "released"}  # `at`, not `on`: YAML 1.1 reads on as true
+DEPTH = {"weight": 0.0, "stages": "all", "at": "released", "loss": "mmd"}  # `at`, not `on`: YAML 1.1 reads on as true
 DEPTH_AT = ("released", "adapted", "both")
+DEPTH_LOSSES = ("mmd", "probe")  # mmd: features towards noise (distribution); probe: no linear readout (information)
 DEPTH_SEED = 7919  # the depth term's generator is seeded with seed + DEPTH_SEED: the loop's own draws stay as they were
 
 
@@ -94,6 +95,8 @@ def depth_settings(settings: ProtectSettings) -> dict:
         raise ConfigError(f"sophon.depth.at: {depth['at']!r} is not one of {', '.join(DEPTH_AT)}")
     if depth["stages"] not in STAGE_SELECTIONS:
         raise ConfigError(f"sophon.depth.stages: {depth['stages']!r} is not one of {', '.join(STAGE_SELECTIONS)}")
+    if depth["loss"] not in DEPTH_LOSSES:
+        raise ConfigError(f"sophon.depth.loss: {depth['loss']!r} is not one of {', '.join(DEPTH_LOSSES)}")
     if depth["weight"] > 0 and depth["at"] != "adapted" and settings.natural_steps == 0:
         raise ConfigError(f"sophon.depth.at: {depth['at']} adds the depth term to the reinforcement steps, and "
                           f"sophon.natural_steps is 0; use at: adapted or natural_steps >= 1")
@@ -101,23 +104,34 @@ def depth_settings(settings: ProtectSettings) -> dict:
 
 
 class DepthTerm:
-    """MMD² to Gaussian noise of the model's stage features of restricted inputs (sophon.losses.mmd_to_noise over
-    sophon.features.stage_features): `term(images, params)` at the weights `params` (parameters and buffers by
-    name; None: the model's own parameters with a copy of its buffers, so no batch-norm statistics move). The inputs
-    (a diffusion batch's noise and timesteps) and the noise come from the term's own generator."""
+    """A loss on the model's stage features of restricted inputs (sophon.features.stage_features): `mmd`, their MMD²
+    to Gaussian noise (sophon.losses.mmd_to_noise), or `probe`, what a linear probe reads of the labels from them
+    (sophon.losses.probe_readout; classification only). `term(images, params, labels)` at the weights `params`
+    (parameters and buffers by name; None: the model's own parameters with a copy of its buffers, so no batch-norm
+    statistics move). The inputs (a diffusion batch's noise and timesteps) and the noise come from the term's own
+    generator."""
 
     def __init__(self, model: torch.nn.Module, objective: Objective, depth: dict, seed: int):
         self.model, self.objective = model, objective
         self.weight = float(depth["weight"])
+        self.loss = depth.get("loss", "mmd")
+        if self.loss == "probe" and not objective.higher_is_better:
+            raise ConfigError("sophon.depth.loss: probe reads class labels; a diffusion objective has none (use mmd)")
         self.stages = feature_stages(model, depth["stages"])
         self.generator = torch.Generator().manual_seed(seed + DEPTH_SEED)
 
-    def __call__(self, images: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, params: dict[str, torch.Tensor] | None = None,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
         if params is None:
             params = {**dict(self.model.named_parameters()),
                       **{name: b.detach().clone() for name, b in self.model.named_buffers()}}
         inputs = self.objective.model_inputs(images, self.generator)
-        return mmd_to_noise(stage_features(self.model, inputs, params, self.stages), self.generator)
+        features = stage_features(self.model, inputs, params, self.stages)
+        if self.loss == "probe":
+            if labels is None:
+                raise ValueError("the probe depth term reads labels: call it with the batch's labels")
+            return probe_readout(features, labels)
+        return mmd_to_noise(features, self.generator)
 
 
 PAPER_LOSSES = ("ice", "klu", "neg_ce", "dos", "neg_mse")  # the paper's suppression losses and naive baselines
@@ -147,7 +161,8 @@ def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None
     if depth["weight"] > 0:
         where = {"released": "", "adapted": " at adapted weights", "both": " at released and adapted weights"}
         stages = "" if depth["stages"] == "all" else f" on {depth['stages']} stages"
-        changes.append(f"depth MMD ×{depth['weight']:g}{stages}{where.get(depth['at'], ' ' + str(depth['at']))}")
+        kind = {"mmd": "MMD", "probe": "probe readout"}.get(depth["loss"], depth["loss"])
+        changes.append(f"depth {kind} ×{depth['weight']:g}{stages}{where.get(depth['at'], ' ' + str(depth['at']))}")
     if suppress_timesteps is not None and list(suppress_timesteps) != [0, 1000]:  # 1,000: the DDPM's steps
         changes.append(f"suppression on t in [{suppress_timesteps[0]}, {suppress_timesteps[1]})")
     return " + ".join(["paper", *changes])
@@ -268,7 +283,8 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             images, labels = next(normal_batches)
             loss = objective.finetune_loss(model, images, labels, generator)
             if on_released:
-                mmd = term(next(depth_batches)[0])
+                depth_images, depth_labels = next(depth_batches)
+                mmd = term(depth_images, labels=depth_labels)
                 released_depth += mmd.item() / settings.natural_steps
                 total_loss = loss + term.weight * mmd
             else:

@@ -244,7 +244,7 @@ class Adversary:
                 loss = self.objective.suppression_loss(self.forward, images, labels, self.generator)
                 total = loss
                 if self.depth is not None:
-                    mmd = self.depth(images, {**params, **{n: b.clone() for n, b in self.buffers.items()}})
+                    mmd = self.depth(images, {**params, **{n: b.clone() for n, b in self.buffers.items()}}, labels)
                     total = loss + self.depth.weight * mmd
                     depth += weights[step] * mmd.item()
                 for name, grad in zip(targets, torch.autograd.grad(total, with_grad)):

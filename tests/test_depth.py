@@ -179,6 +179,33 @@ def test_depth_term_gradient_points_towards_noise(tiny):
         assert term(defender.images[:32]).item() < loss.item()
 
 
+def test_probe_depth_term_reads_the_labels_and_its_gradient_lowers_it(tiny):
+    """`loss: probe`: the term is probe_readout of the stage features with the batch's labels, and one step on it
+    lowers it (same batch); in the loop it is recorded at both places and named."""
+    from sophon.losses import probe_readout
+
+    _, defender = tiny
+    net = resnet().train()
+    term = DepthTerm(net, ClassificationObjective("ice"), {**DEPTH, "weight": 1.0, "loss": "probe"}, seed=5)
+    images, labels = defender.images[:64], defender.labels[:64]
+    with pytest.raises(ValueError, match="reads labels"):
+        term(images)
+    loss = term(images, labels=labels)
+    features = stage_features(net, (images.float() / 255,), all_weights(net))
+    assert loss.item() == pytest.approx(probe_readout(features, labels).item(), rel=1e-5)
+    assert loss.item() > 0
+    loss.backward()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad / max(1e-12, p.grad.norm().item())
+        assert term(images, labels=labels).item() < loss.item()
+    _, history = _protected(tiny, loops=2, depth={"weight": 1.0, "at": "both", "loss": "probe"})
+    assert len(history.depth_loss) == len(history.adapted_depth_loss) == 2
+    assert variant_name(ProtectSettings(depth={"weight": 1.0, "loss": "probe", "at": "both"})) == (
+        "paper + depth probe readout ×1 at released and adapted weights")
+
+
 def test_depth_on_a_diffusion_unet_runs(tiny):
     from sophon.diffusion import DiffusionObjective
 
@@ -199,6 +226,13 @@ def test_depth_settings_are_checked_and_named(tiny):
     with pytest.raises(ConfigError, match="sophon.depth: unknown keys on"):
         protect(resnet(), ClassificationObjective(), defender, shapes, shapes, _settings(depth={"on": "adapted"}),
                 seed=0, device=CPU)
+    with pytest.raises(ConfigError, match="sophon.depth.loss: 'noise'"):
+        protect(resnet(), ClassificationObjective(), defender, shapes, shapes,
+                _settings(depth={"weight": 1.0, "loss": "noise"}), seed=0, device=CPU)
+    with pytest.raises(ConfigError, match="probe reads class labels"):
+        from sophon.diffusion import DiffusionObjective
+
+        DepthTerm(tiny_unet(), DiffusionObjective("dos"), {**DEPTH, "weight": 1.0, "loss": "probe"}, seed=0)
     with pytest.raises(ConfigError, match="natural_steps is 0"):
         protect(resnet(), ClassificationObjective(), defender, shapes, shapes,
                 _settings(natural_steps=0, depth={"weight": 1.0}), seed=0, device=CPU)
@@ -219,6 +253,13 @@ def test_config_accepts_the_depth_section(tmp_path, project_dir, experiment):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     assert load_params(path)["experiments"][experiment]["sophon"]["depth"]["at"] == "adapted"
+    section["depth"] = {"weight": 1.0, "loss": "probe"}  # a diffusion batch has no labels to read
+    path.write_text(yaml.safe_dump(params))
+    if experiment == "quick-classification":
+        assert load_params(path)["experiments"][experiment]["sophon"]["depth"]["loss"] == "probe"
+    else:
+        with pytest.raises(ConfigError, match="depth"):
+            load_params(path)
     section["depth"] = {"weight": 1.0, "on": "adapted"}
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(ConfigError, match="depth"):

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,3 +129,60 @@ def test_mmd_to_noise_gradient_matches_finite_differences():
         down[index] -= eps
         numeric = (loss(up) - loss(down)).item() / (2 * eps)
         assert numeric == pytest.approx(leaf.grad[index].item(), rel=1e-4, abs=1e-8)
+
+
+# --- suppression at depth: a linear probe's readout of the labels --------------------------------------------
+
+def _primal_ridge_r2(z_fit, y_fit, z_test, y_test, ridge):
+    """The same probe in its primal form (numpy): W = (Z_AᵀZ_A + ridge·d·I)⁻¹ Z_Aᵀ (Y_A − ȳ_A)."""
+    d = z_fit.shape[1]
+    mean = y_fit.mean(0)
+    w = np.linalg.solve(z_fit.T @ z_fit + ridge * d * np.eye(d), z_fit.T @ (y_fit - mean))
+    predicted = mean + z_test @ w
+    return 1 - ((y_test - predicted) ** 2).sum() / ((y_test - mean) ** 2).sum()
+
+
+def test_probe_readout_equals_the_primal_ridge_probe():
+    from sophon.losses import probe_readout
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(12) % 3
+    # Features that carry the labels, plus noise: a readout well above 0.
+    x = torch.randn(12, 5, dtype=torch.float64, generator=g) + 2.0 * F.one_hot(labels, 5)
+    var = x.var(0, unbiased=False)
+    z = ((x - x.mean(0)) / (var + 1e-5 * var.mean() + 1e-12).sqrt()).numpy()
+    y = np.eye(3)[labels.numpy()]
+    expected = np.mean([_primal_ridge_r2(z[:6], y[:6], z[6:], y[6:], 1.0),
+                        _primal_ridge_r2(z[6:], y[6:], z[:6], y[:6], 1.0)])
+    assert expected > 0.2
+    assert probe_readout(x, labels).item() == pytest.approx(expected, rel=1e-9)
+    # Standardised: shrinking the features (the shrink-and-perturb attacker's move) hides nothing.
+    assert probe_readout(0.01 * x, labels).item() == pytest.approx(expected, rel=1e-6)
+    # Two stages: the mean of each.
+    noise = torch.randn(12, 5, dtype=torch.float64, generator=g)
+    assert probe_readout([x, noise], labels).item() == pytest.approx(
+        (expected + probe_readout(noise, labels).item()) / 2, rel=1e-9)
+
+
+def test_probe_readout_is_near_one_for_the_labels_and_zero_for_noise():
+    from sophon.losses import probe_readout
+
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 10, (128,), generator=g)
+    carrying = F.one_hot(labels, 10).float() + 0.01 * torch.randn(128, 10, generator=g)
+    assert probe_readout(carrying, labels, ridge=1e-3).item() > 0.95
+    assert probe_readout(torch.randn(128, 32, generator=g), labels).item() == 0.0  # clamped: reads nothing
+    with pytest.raises(ValueError, match="at least 4"):
+        probe_readout(carrying[:3], labels[:3])
+
+
+def test_probe_readout_gradient_matches_finite_differences():
+    from sophon.losses import probe_readout
+
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(12) % 3
+    x = torch.randn(12, 2, 2, 2, dtype=torch.float64, generator=g) + 3 * F.one_hot(
+        labels, 8).double().reshape(12, 2, 2, 2)
+    assert probe_readout([x], labels, ridge=0.1).item() > 0  # not clamped: the gradient is the probe's own
+    assert torch.autograd.gradcheck(lambda h: probe_readout([h], labels, ridge=0.1),
+                                    (x.clone().requires_grad_(True),))
