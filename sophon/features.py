@@ -142,3 +142,32 @@ def _hooked(model, inputs, params, modules, output_of):
     if missing:
         raise RuntimeError(f"stage_features: {len(missing)} stages did not run in the forward pass")
     return [found[i] for i in range(len(modules))]
+
+
+@torch.no_grad()
+def stage_readout(model: nn.Module, data, device: torch.device, *, batch_size: int = 128, batches: int = 4,
+                  seed: int = 0) -> list[float]:
+    """What a linear probe reads of `data`'s labels from each stage of a classifier (sophon.losses.probe_readout,
+    per stage), the mean over `batches` seeded random batches of `batch_size`, in eval mode (running statistics).
+    0 reads nothing; a random init already reads some (random features of images separate classes). Fewer samples
+    than a batch: one batch of all of them."""
+    from sophon.losses import probe_readout
+    from sophon.train import to_input
+
+    was_training = model.training
+    model.eval()
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    batch_size = min(batch_size, len(data))
+    stages = feature_stages(model)
+    totals = [0.0] * len(stages)
+    count = 0
+    try:
+        for start in range(0, min(len(order), batches * batch_size) - batch_size + 1, batch_size):
+            index = order[start:start + batch_size]
+            features = stage_features(model, (to_input(data.images[index], device),), None, stages)
+            for i, h in enumerate(features):
+                totals[i] += float(probe_readout(h, data.labels[index]))
+            count += 1
+    finally:
+        model.train(was_training)
+    return [t / count for t in totals]

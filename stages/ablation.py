@@ -14,6 +14,7 @@ import time
 
 from sophon import layout
 from sophon.errors import ConfigError
+from sophon.features import stage_readout
 from sophon.io import read_json, write_json, write_text
 from sophon.protect import protect, variant_name
 from sophon.report.search import summarize
@@ -67,6 +68,7 @@ def run_variant(exp: dict, variant: str, device) -> None:
         protect_seconds = time.perf_counter() - began
         intact = {"original": card.get(f"original_test_{quality_name(task)}"),
                   "protected": objective.quality(model, original_test, device)}
+        readout = {"readout": stage_readout(model, restricted_test, device)} if task.name == "classification" else {}
         start = layout.ablation_model(name, variant)
         task.save(model, exp, start, "sophon", {"variant": label, "selected_loop": history.selected_loop,
                                                "protect_settings": dataclasses.asdict(settings)})
@@ -76,7 +78,7 @@ def run_variant(exp: dict, variant: str, device) -> None:
         document.update(experiment=name, seconds=time.perf_counter() - began)
         result = {"variant": variant, "name": label, "changes": changes, "protect_seconds": protect_seconds,
                   "search_seconds": document["seconds"], "selected_loop": history.selected_loop,
-                  "intactness": intact, "search": document,
+                  "intactness": intact, "search": document, **readout,
                   **judged(exp, document, *pipeline_searches(name))}
         tracked.log_metrics({"protect_seconds": protect_seconds, "max_gain": result["max_gain"],
                              **{f"gain_at_{k}": v for k, v in result["gain_at"].items()}})

@@ -7,6 +7,7 @@ diffusers), which MLflow keeps with the run that registers it.
     python -m stages.protect --experiment quick-classification
 """
 
+import copy
 import dataclasses
 import shutil
 import time
@@ -14,9 +15,10 @@ import time
 from sophon import layout
 from sophon.basin import connectivity
 from sophon.errors import ConfigError
+from sophon.features import feature_stages, stage_readout
 from sophon.io import config_hash, write_json
 from sophon.protect import ProtectSettings, protect, variant_name
-from sophon.tasks import load_model, task_of
+from sophon.tasks import load_model, new_model, task_of
 from sophon.tracking import stage_run
 from sophon.train import seed_everything
 from stages.common import parser, parts, run, setup, split_digests
@@ -42,6 +44,16 @@ def redteam_probes(exp: dict, epochs: int) -> list[dict]:
         raise ConfigError(f"experiments.{exp['name']}.sophon.select: redteam needs red-team attacks with held_out: "
                           f"true (experiments.{exp['name']}.redteam.attacks)")
     return probes
+
+
+def restricted_readout(exp: dict, released, original_weights: dict, restricted_test, device) -> dict:
+    """What a linear probe reads of the restricted labels at each stage (sophon.features.stage_readout): a random
+    init (the scratch start, seed 0), the original and the release."""
+    original = copy.deepcopy(released)
+    original.load_state_dict(original_weights)
+    return {"stages": feature_stages(released),
+            **{name: stage_readout(m, restricted_test, device) for name, m in (
+                ("random_init", new_model(exp, 0, device)), ("original", original), ("released", released))}}
 
 
 def main() -> None:
@@ -76,13 +88,15 @@ def main() -> None:
         seconds = time.perf_counter() - began
         # How far the release sits from the original's basin: the loss along the line between the two weights.
         basin = connectivity(model, original_weights, objective, restricted_test, original_test)
+        readout = restricted_readout(exp, model, original_weights, restricted_test, device) if task.name == (
+            "classification") else None
         tracked.log_metrics({**metrics, "rollbacks": history.rollbacks, "nonfinite_loops": history.nonfinite,
                              "seconds": seconds, "basin_barrier_restricted": basin["restricted"]["barrier"],
                              "basin_barrier_original": basin["original"]["barrier"],
                              "basin_distance_relative": basin["distance"]["relative"]})
         write_json(layout.history(name, "sophon"), {"settings": dataclasses.asdict(settings),
                                                     **dataclasses.asdict(history), **metrics, "seconds": seconds,
-                                                    "basin": basin})
+                                                    "basin": basin, **({"readout": readout} if readout else {})})
         variant = variant_name(settings, cfg.get("suppress_timesteps"), cfg["suppression"])
         tracked.set_tag("sophon.variant", variant)
         task.save(model, exp, "sophon", "sophon", {**metrics, "suppression": cfg["suppression"], "variant": variant,

@@ -277,3 +277,27 @@ def test_protect_with_depth_resumes_exactly(tiny, tmp_path):
             state_dir=tmp_path, state_key="k")  # the depth term's generator and batches resume too
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_stage_readout_is_per_stage_reproducible_and_reads_more_from_a_trained_model(tiny):
+    """sophon.features.stage_readout: one value per stage, the same twice, the model's mode kept; a classifier
+    trained on the restricted labels reads them better at its last stage than its random init does."""
+    from sophon.features import stage_readout
+    from sophon.train import to_input
+
+    _, defender = tiny
+    net = resnet().train()
+    first = stage_readout(net, defender, CPU, batch_size=32, batches=2)
+    assert len(first) == 4 and all(0.0 <= v <= 1.0 for v in first)
+    assert stage_readout(net, defender, CPU, batch_size=32, batches=2) == first
+    assert net.training
+    assert len(stage_readout(net, defender.subset(range(10)), CPU)) == 4  # fewer than a batch: one batch of all
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(net(to_input(defender.images[:64], CPU)), defender.labels[:64])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trained = stage_readout(net, defender.subset(range(64)), CPU, batch_size=64, batches=1)
+    untrained = stage_readout(resnet(), defender.subset(range(64)), CPU, batch_size=64, batches=1)
+    assert trained[-1] > untrained[-1] + 0.1, (trained, untrained)

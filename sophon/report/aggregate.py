@@ -134,7 +134,7 @@ def training_summary(sophon_history: dict | None, ntl_history: dict | None) -> d
                          "checks": len(sophon_history.get("checks", [])),
                          "original_accuracy": sophon_history.get("original_test_accuracy"),
                          "restricted_accuracy": sophon_history.get("restricted_test_accuracy"),
-                         "basin": sophon_history.get("basin")}
+                         "basin": sophon_history.get("basin"), "readout": sophon_history.get("readout")}
     if ntl_history is not None:
         out["ntl"] = {"settings": ntl_history.get("settings", {}), "steps": len(ntl_history.get("loss", [])),
                       "original_accuracy": ntl_history.get("original_test_accuracy"),

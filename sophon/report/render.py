@@ -141,6 +141,7 @@ def build_document(summary: dict, epochs, images: dict[str, Path]) -> Document:
             f"skipped): {t['nonfinite']}; quality checks: {t['checks']}. Final original-domain accuracy "
             f"{t['original_accuracy']:.2f}%, restricted-domain accuracy before fine-tuning {t['restricted_accuracy']:.2f}%.",
             basin_sentence(t.get("basin")),
+            readout_sentence(t.get("readout")),
             _key_values(t["settings"]), Image(images["protect_history"], "Sophon protection history")]))
     if "ntl" in training:
         t = training["ntl"]
@@ -148,6 +149,18 @@ def build_document(summary: dict, epochs, images: dict[str, Path]) -> Document:
             f"{t['steps']} steps. Original-domain accuracy {t['original_accuracy']:.2f}%, restricted-domain accuracy "
             f"before fine-tuning {t['restricted_accuracy']:.2f}%.", _key_values(t["settings"])]))
     return Document(f"Sophon report: {summary['experiment']}", sections)
+
+
+def readout_sentence(readout: dict | None) -> str:
+    """What a linear probe reads of the restricted labels at each stage (sophon.features.stage_readout)."""
+    if not readout:
+        return "Linear-probe readout of the restricted labels: not measured (a protect run before it was added)."
+    stages = ", ".join(s.rsplit(".", 1)[-1] for s in readout["stages"])
+    values = "; ".join(f"{label} {'/'.join(f'{v:.2f}' for v in readout[key])}" for key, label in (
+        ("random_init", "a random init"), ("original", "the original"), ("released", "the release")))
+    return (f"What a linear probe reads of the restricted labels at each stage ({stages}; held-out R² of a ridge "
+            f"probe, 0: nothing): {values}. Below a random init means the features hold less of the restricted "
+            f"domain than random ones; how fast fine-tuning relearns it is the attack search's to measure.")
 
 
 def basin_sentence(basin: dict | None) -> str:
