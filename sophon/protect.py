@@ -7,7 +7,8 @@ head, lr schedules in the simulation, inner steps weighted up towards the end of
 releasing the checkpoint that a held-out probe attack finds hardest to fine-tune rather than the last one, and
 suppression at depth (`depth`): the Gaussian-kernel MMD between every stage's features of restricted inputs and
 Gaussian noise (representation noising, Rosati et al. 2024; sophon.losses.mmd_to_noise), so the early stages an
-adversary keeps when it re-initialises the last ones stop carrying the restricted domain's features.
+adversary keeps when it re-initialises the last ones stop carrying the restricted domain's features; or
+(`depth.loss: probe`) what a ridge probe reads of the restricted labels from them (sophon.losses.probe_readout).
 
 `variant_name` says which of these a run used; the model card and the report carry it.
 
