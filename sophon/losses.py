@@ -150,7 +150,8 @@ def probe_readout(features, labels: torch.Tensor, ridge: float = PROBE_RIDGE, ma
         R²_{A→B} = 1 − ‖Y_B − Ŷ_B‖² / ‖Y_B − ȳ_A‖²;
     the stage's value is max(0, mean(R²_{A→B}, R²_{B→A})) (a probe no better than the mean reads nothing), the
     loss the mean over stages. Minimising it leaves no stage from which a linear probe predicts the restricted
-    labels. Needs a batch of ≥ 4; a class absent from the batch adds nothing (its one-hot column is 0 throughout). `features`: one tensor or a list of them (one per stage)."""
+    labels. Needs a batch of ≥ 4; a class absent from the batch adds nothing (its one-hot column is 0 throughout).
+    `features`: one tensor or a list of them (one per stage)."""
     if isinstance(features, torch.Tensor):
         features = [features]
     if not features:

@@ -78,7 +78,8 @@ class ProtectSettings:
 PROBE = {"strategy": "initFC+all", "optimizer": "adagrad", "lr": 0.01, "batch_size": 100, "epochs": 2,
          "schedule": "constant", "weight_decay": 0.0}
 SELECTIONS = ("last", "probe", "redteam")  # redteam: the probes are the red team's held-out attacks
-DEPTH = {"weight": 0.0, "stages": "all", "at": "released", "loss": "mmd"}  # `at`, not `on`: YAML 1.1 reads on as true
+# `at`, not `on`: YAML 1.1 reads on as true
+DEPTH = {"weight": 0.0, "stages": "all", "at": "released", "loss": "mmd"}
 DEPTH_AT = ("released", "adapted", "both")
 DEPTH_LOSSES = ("mmd", "probe")  # mmd: features towards noise (distribution); probe: no linear readout (information)
 DEPTH_SEED = 7919  # the depth term's generator is seeded with seed + DEPTH_SEED: the loop's own draws stay as they were
@@ -116,7 +117,7 @@ class DepthTerm:
         self.model, self.objective = model, objective
         self.weight = float(depth["weight"])
         self.loss = depth.get("loss", "mmd")
-        if self.loss == "probe" and not objective.higher_is_better:
+        if self.loss == "probe" and not objective.higher_is_better:  # the diffusion objective: lower is better
             raise ConfigError("sophon.depth.loss: probe reads class labels; a diffusion objective has none (use mmd)")
         self.stages = feature_stages(model, depth["stages"])
         self.generator = torch.Generator().manual_seed(seed + DEPTH_SEED)
