@@ -116,7 +116,7 @@ class DepthTerm:
     def __init__(self, model: torch.nn.Module, objective: Objective, depth: dict, seed: int):
         self.model, self.objective = model, objective
         self.weight = float(depth["weight"])
-        self.loss = depth.get("loss", "mmd")
+        self.loss = depth["loss"]
         if self.loss == "probe" and not objective.higher_is_better:  # the diffusion objective: lower is better
             raise ConfigError("sophon.depth.loss: probe reads class labels; a diffusion objective has none (use mmd)")
         self.stages = feature_stages(model, depth["stages"])

@@ -88,8 +88,8 @@ def main() -> None:
         seconds = time.perf_counter() - began
         # How far the release sits from the original's basin: the loss along the line between the two weights.
         basin = connectivity(model, original_weights, objective, restricted_test, original_test)
-        readout = restricted_readout(exp, model, original_weights, restricted_test, device) if task.name == (
-            "classification") else None
+        readout = (restricted_readout(exp, model, original_weights, restricted_test, device)
+                   if task.name == "classification" else None)
         tracked.log_metrics({**metrics, "rollbacks": history.rollbacks, "nonfinite_loops": history.nonfinite,
                              "seconds": seconds, "basin_barrier_restricted": basin["restricted"]["barrier"],
                              "basin_barrier_original": basin["original"]["barrier"],
