@@ -144,6 +144,8 @@ def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None
     """`paper` for the paper's Sophon, else `paper + <each change>`: what the card and the report name."""
     starts = {START_ALIASES.get(s, s) for s in settings.task_space.get("starts", [])}
     changes = [f"{suppression} suppression"] if suppression and suppression not in PAPER_LOSSES else []
+    if settings.alpha == 0:
+        changes.append("no suppression step (α 0: the reinforcement alone, a control)")
     depth = {**DEPTH, **settings.depth}
     if starts - {"direct+all", "initFC+all"}:
         changes.append("starts " + "/".join(sorted(starts - {"direct+all", "initFC+all"})))
@@ -268,7 +270,9 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             losses.append(result.suppression_loss)
             adapted_depth.append(result.depth_loss)
         suppression = sum(losses) / len(losses)
-        if all(torch.isfinite(g).all() for g in total.values()) and torch.isfinite(torch.tensor(suppression)):
+        if settings.alpha == 0:
+            pass  # the control: the adversaries are simulated (their suppression loss is logged), nothing is suppressed
+        elif all(torch.isfinite(g).all() for g in total.values()) and torch.isfinite(torch.tensor(suppression)):
             suppress_opt.zero_grad(set_to_none=True)
             for name, p in model.named_parameters():
                 p.grad = total[name]
