@@ -139,11 +139,21 @@ class DepthTerm:
 PAPER_LOSSES = ("ice", "klu", "neg_ce", "dos", "neg_mse")  # the paper's suppression losses and naive baselines
 
 
+# Settings of the loop's strength that a variant may change from the experiment's paper settings (named if so).
+STRENGTH = {"alpha": "α", "beta": "β", "inner_steps": "inner steps", "natural_steps": "reinforcement steps",
+            "loops": "loops", "rollback_tolerance": "rollback tolerance"}
+
+
 def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None = None,
-                 suppression: str | None = None) -> str:
-    """`paper` for the paper's Sophon, else `paper + <each change>`: what the card and the report name."""
+                 suppression: str | None = None, paper: dict | None = None) -> str:
+    """`paper` for the paper's Sophon, else `paper + <each change>`: what the card and the report name. `paper`: the
+    experiment's paper settings (its `ablation.variants.paper`); the strength settings that differ are named."""
     starts = {START_ALIASES.get(s, s) for s in settings.task_space.get("starts", [])}
     changes = [f"{suppression} suppression"] if suppression and suppression not in PAPER_LOSSES else []
+    for key, label in STRENGTH.items():
+        value = getattr(settings, key)
+        if paper and key in paper and value != paper[key] and not (key == "alpha" and value == 0):
+            changes.append(f"{label} {value:g} (paper {paper[key]:g})")
     if settings.alpha == 0:
         changes.append("no suppression step (α 0: the reinforcement alone, a control)")
     depth = {**DEPTH, **settings.depth}

@@ -35,6 +35,11 @@ def protect_settings(exp: dict, **changes) -> ProtectSettings:
     return ProtectSettings(**values)
 
 
+def paper_settings(exp: dict) -> dict | None:
+    """The experiment's paper settings (its `ablation.variants.paper`), against which a variant's name is made."""
+    return ((exp.get("ablation") or {}).get("variants") or {}).get("paper")
+
+
 def redteam_probes(exp: dict, epochs: int) -> list[dict]:
     """The red team's held-out attacks as release-selection probes: the same settings, `epochs` epochs."""
     attacks = (exp.get("redteam") or {}).get("attacks", {})
@@ -97,7 +102,8 @@ def main() -> None:
         write_json(layout.history(name, "sophon"), {"settings": dataclasses.asdict(settings),
                                                     **dataclasses.asdict(history), **metrics, "seconds": seconds,
                                                     "basin": basin, **({"readout": readout} if readout else {})})
-        variant = variant_name(settings, cfg.get("suppress_timesteps"), cfg["suppression"])
+        variant = variant_name(settings, cfg.get("suppress_timesteps"), cfg["suppression"],
+                               paper_settings(exp))
         tracked.set_tag("sophon.variant", variant)
         task.save(model, exp, "sophon", "sophon", {**metrics, "suppression": cfg["suppression"], "variant": variant,
                                                    "selected_loop": history.selected_loop,

@@ -54,6 +54,7 @@ def test_shipped_profiles_validate_and_fill_defaults():
     (lambda c: C(c)["attacks"]["direct_all"].update(optimizer="lbfgs"), f"key '{CLS}.attacks.direct_all.optimizer' = lbfgs: 'lbfgs' is not one of"),
     (lambda c: C(c)["sophon"].update(loops=0), f"key '{CLS}.sophon.loops' = 0: 0 is less than the minimum of 1"),
     (lambda c: C(c)["sophon"].update(suppression="mse"), f"key '{CLS}.sophon.suppression' = mse"),
+    (lambda c: G(c)["sophon"].update(alpha=-1), f"key '{GEN}.sophon.alpha' = -1: -1 is less than the minimum of 0"),
     (lambda c: C(c)["seeds"].append(0), f"key '{CLS}.seeds'"),
     (lambda c: C(c)["sophon"].update(alhpa=3), f"'alhpa' was unexpected) under key '{CLS}.sophon'; allowed keys: alpha"),
     (lambda c: C(c)["restricted"].update(domain="cifar11"), f"key '{CLS}.restricted.domain' = cifar11: unknown domain; known: "),

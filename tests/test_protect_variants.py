@@ -338,6 +338,22 @@ def test_probe_selection_releases_the_check_the_probe_found_hardest(tiny):
     assert probe(net) == pytest.approx(min(scores))
 
 
+def test_alpha_zero_simulates_the_adversaries_but_suppresses_nothing(tiny):
+    shapes, defender = tiny
+    net = model()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    history = protect(net, ClassificationObjective("ice"), defender, shapes, shapes,
+                      _settings(alpha=0.0, natural_steps=0, loops=2), seed=0, device=CPU)
+    assert len(history.suppression_loss) == 2 and all(0 < loss < 100 for loss in history.suppression_loss)
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, before[name]), name  # nothing but reinforcement steps (none here) changes it
+    # With a suppression step the same run moves the weights.
+    moved = model()
+    protect(moved, ClassificationObjective("ice"), defender, shapes, shapes, _settings(natural_steps=0, loops=2),
+            seed=0, device=CPU)
+    assert any(not torch.equal(a, before[k]) for k, a in moved.state_dict().items())
+
+
 def test_last_selection_releases_the_last_loop(tiny):
     shapes, defender = tiny
     history = protect(model(), ClassificationObjective("ice"), defender, shapes, shapes, _settings(loops=2),
@@ -389,6 +405,17 @@ def test_variant_name_lists_each_change_from_the_paper():
         "paper + starts reinit1+all + optimizers adagrad + shrink-and-perturbed starts 0.3:0.05 + scheduled inner lrs "
         "+ exponential step weights ×4 "
         "+ adversaries persist 5 loops + probe-selected checkpoint + suppression on t in [0, 500)")
+
+
+def test_variant_name_names_the_strength_settings_that_differ_from_the_experiments_paper_settings():
+    paper = {"alpha": 10.0, "beta": 10.0, "inner_steps": 4, "natural_steps": 4, "loops": 150, "rollback_tolerance": 0.1}
+    same = ProtectSettings(alpha=10.0, beta=10.0, inner_steps=4, natural_steps=4, loops=150, rollback_tolerance=0.1)
+    assert variant_name(same, None, "dos", paper) == "paper"
+    assert variant_name(replace(same, alpha=30.0, loops=200), None, "dos", paper) == (
+        "paper + α 30 (paper 10) + loops 200 (paper 150)")
+    assert variant_name(replace(same, alpha=0.0), None, "dos", paper) == (
+        "paper + no suppression step (α 0: the reinforcement alone, a control)")
+    assert variant_name(replace(same, beta=20.0)) == "paper"  # without the paper's settings nothing to compare
 
 
 @pytest.mark.parametrize("start,message", [("lora", "lora adversary takes no depth term at adapted"), ("reinit_up+all", "not allowed for classification"),
