@@ -52,6 +52,7 @@ def tiny_params(path: Path) -> dict:
             exp["original"].update(options={"n": 64}, train_samples=64, test_samples=16)
             exp["split"]["original_val_samples"] = 16
             exp["sophon"].update(loops=2, inner_steps=2, check_every=1)
+            exp["ablation"]["variants"]["paper"].update(loops=2, inner_steps=2)  # it pins the paper's strength
             exp["stability"].update(seeds=[0], loops=2)
             exp["report"].update(images=2)
             exp["eval"]["repeats"] = 1
