@@ -16,14 +16,14 @@ from sophon import layout
 from sophon.errors import ConfigError
 from sophon.features import stage_readout
 from sophon.io import read_json, write_json, write_text
-from sophon.protect import protect, variant_name
+from sophon.protect import protect
 from sophon.report.search import summarize
 from sophon.search import run_search
 from sophon.tasks import load_model, task_of
 from sophon.tracking import stage_run
 from sophon.train import seed_everything
 from stages.common import parser, parts, run, run_cache, setup, start_builder
-from stages.protect import paper_settings, protect_settings
+from stages.protect import protect_settings, protect_variant
 
 AT_EPOCHS = (1, 2, 3, 4, 5, 20, 50)  # the table's epochs: diffusion's goal is on every epoch 1-5
 
@@ -58,8 +58,7 @@ def run_variant(exp: dict, variant: str, device) -> None:
     cfg = {**exp["sophon"], **changes}
     seed_everything(cfg["seed"])
     settings = protect_settings(exp, **changes)
-    label = variant_name(settings, cfg.get("suppress_timesteps"), cfg["suppression"],
-                         paper_settings(exp))
+    label = protect_variant(exp, settings, cfg)
     objective = task.objective({**exp, "sophon": cfg}, device)
     with stage_run("ablation", name, name=f"ablation/{variant}", params={"variant": variant, **changes},
                    tags={"sophon.variant": label}) as tracked:

@@ -35,9 +35,11 @@ def protect_settings(exp: dict, **changes) -> ProtectSettings:
     return ProtectSettings(**values)
 
 
-def paper_settings(exp: dict) -> dict | None:
-    """The experiment's paper settings (its `ablation.variants.paper`), against which a variant's name is made."""
-    return ((exp.get("ablation") or {}).get("variants") or {}).get("paper")
+def protect_variant(exp: dict, settings: ProtectSettings, cfg: dict) -> str:
+    """The variant name of `settings` (from the `sophon` settings `cfg`), against the experiment's paper settings (its
+    `ablation.variants.paper`)."""
+    paper = ((exp.get("ablation") or {}).get("variants") or {}).get("paper")
+    return variant_name(settings, cfg.get("suppress_timesteps"), cfg["suppression"], paper)
 
 
 def redteam_probes(exp: dict, epochs: int) -> list[dict]:
@@ -102,8 +104,7 @@ def main() -> None:
         write_json(layout.history(name, "sophon"), {"settings": dataclasses.asdict(settings),
                                                     **dataclasses.asdict(history), **metrics, "seconds": seconds,
                                                     "basin": basin, **({"readout": readout} if readout else {})})
-        variant = variant_name(settings, cfg.get("suppress_timesteps"), cfg["suppression"],
-                               paper_settings(exp))
+        variant = protect_variant(exp, settings, cfg)
         tracked.set_tag("sophon.variant", variant)
         task.save(model, exp, "sophon", "sophon", {**metrics, "suppression": cfg["suppression"], "variant": variant,
                                                    "selected_loop": history.selected_loop,
