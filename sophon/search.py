@@ -62,6 +62,14 @@ class Trial:
         return (f"{self.strategy}{prepared} {self.optimizer} lr={self.lr:g} bs={self.batch_size} {self.schedule} "
                 f"wd={self.weight_decay:g}")
 
+    @property
+    def equivalent(self) -> str:
+        """The name of the configuration this one trains exactly as (the search tries each once): AdamW without
+        weight decay is Adam, and shrink-and-perturb leaves a LoRA start unchanged (sophon.strategies.shrinkable)."""
+        optimizer = "adam" if self.optimizer == "adamw" and self.weight_decay == 0 else self.optimizer
+        lora_prepared = self.strategy == "lora" and self.preparation.startswith("shrink_perturb@")
+        return replace(self, optimizer=optimizer, preparation="none" if lora_prepared else self.preparation).name
+
     def settings(self, epochs: int, lora_rank: int) -> AttackSettings:
         strategy = "direct+all" if self.strategy == SCRATCH else self.strategy
         extra = {}
@@ -112,12 +120,13 @@ def strata(space: dict, start: str) -> list[tuple[str, str]]:
 
 def grid(space: dict, start: str) -> list[Trial]:
     """Every configuration of the space for `start` (from scratch the strategy axis collapses and the preparations
-    narrow to init scales)."""
-    return [Trial(strategy, optimizer, lr, batch_size, schedule, weight_decay, preparation)
-            for strategy, optimizer in strata(space, start)
-            for lr, batch_size, schedule, weight_decay, preparation in itertools.product(
-                lr_values(space["lrs"][optimizer]), space["batch_sizes"], space["schedules"], space["weight_decays"],
-                _preparations(space, start))]
+    narrow to init scales), one of each set that trains alike (`Trial.equivalent`: the first in this order)."""
+    trials = [Trial(strategy, optimizer, lr, batch_size, schedule, weight_decay, preparation)
+              for strategy, optimizer in strata(space, start)
+              for lr, batch_size, schedule, weight_decay, preparation in itertools.product(
+                  lr_values(space["lrs"][optimizer]), space["batch_sizes"], space["schedules"],
+                  space["weight_decays"], _preparations(space, start))]
+    return list({t.equivalent: t for t in reversed(trials)}.values())[::-1]
 
 
 def steps_per_epoch(samples: int, batch_size: int) -> int:
@@ -289,20 +298,20 @@ def coarse_search(run: Callable, cfg: dict, start: str, higher: bool) -> list[di
     # A fixed study name: Hyperband assigns brackets by a hash of it (a random name would change the cuts per run).
     study = optuna.create_study(study_name="sophon-search", direction="maximize", pruner=_pruner(halving, epochs),
                                 sampler=optuna.samplers.TPESampler(seed=cfg["coarse_seed"]))
-    records, seen = [], {}
+    records, seen = [], {}  # seen: by Trial.equivalent
     planned = plan(cfg["space"], start, cfg["trials"])
-    # The sampler may propose a configuration again: it is told the earlier result and asked anew (within a cap), so
-    # `trials` distinct configurations are tried.
+    # The sampler may propose a configuration again, or one that trains exactly as a tried one: it is told the earlier
+    # result and asked anew (within a cap), so `trials` configurations that differ in what they train are tried.
     for fixed in planned:
         for _ in range(ATTEMPTS):
             handle = study.ask()
             config = _sample(handle, fixed, cfg["space"], start)
-            if config.name not in seen:
+            if config.equivalent not in seen:
                 break
-            _tell(study, handle, seen[config.name])
+            _tell(study, handle, seen[config.equivalent])
         else:  # the sampler keeps proposing tried ones: the stratum's first untried configuration, in a stable order
             left = sorted((t for t in grid(cfg["space"], start) if (t.strategy, t.optimizer) ==
-                           (fixed["strategy"], fixed["optimizer"]) and t.name not in seen), key=_rank)
+                           (fixed["strategy"], fixed["optimizer"]) and t.equivalent not in seen), key=_rank)
             if not left:
                 continue  # every configuration of this stratum is tried
             study.enqueue_trial(_params(left[0]))
@@ -319,7 +328,7 @@ def coarse_search(run: Callable, cfg: dict, start: str, higher: bool) -> list[di
         record = {"name": config.name, "config": asdict(config), "curve": curve,
                   "score": score(curve, higher) if len(curve) > 1 else -math.inf, "pruned": len(curve) - 1 < epochs}
         _tell(study, handle, record)
-        seen[config.name] = record
+        seen[config.equivalent] = record
         records.append(record)
     return records
 

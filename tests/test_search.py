@@ -28,7 +28,8 @@ def test_grid_and_plan_give_every_stratum_its_turn():
     full = grid(SPACE, "sophon")
     assert len(full) == 3 * 2 * 3 * 2 * 2 and len(set(full)) == len(full)
     assert {t.strategy for t in grid(SPACE, "scratch")} == {"scratch"} and len(grid(SPACE, "scratch")) == 24
-    assert len(grid({**SPACE, "preparations": ["none", "shrink_perturb"]}, "sophon")) == 2 * len(full)
+    # Shrink-and-perturb doubles the strategies but LoRA (it leaves a LoRA start unchanged: Trial.equivalent).
+    assert len(grid({**SPACE, "preparations": ["none", "shrink_perturb"]}, "sophon")) == len(full) // 3 * (2 * 2 + 1)
     two = {**SPACE, "preparations": ["none", "recalibrate_bn", "shrink_perturb"],
            "shrink_perturb": [{"shrink": 0.5, "perturb": 0.01}, {"shrink": 0.3, "perturb": 0.05}]}
     assert {t.preparation for t in grid(two, "sophon")} == {"none", "recalibrate_bn", "shrink_perturb@0.5/0.01",
@@ -203,6 +204,45 @@ def test_search_finds_the_planted_best_and_caches_every_run(tmp_path):
     assert cache.key(replace(settings, strategy="initFC+FC"), 0, from_scratch=False) != cache.key(settings, 0, from_scratch=False)
     # ... but its init scale does.
     assert cache.key(replace(settings, shrink=0.3, perturb=0.05), 0, from_scratch=True) != key
+
+
+def test_configurations_that_train_alike_are_tried_once():
+    # AdamW without weight decay takes Adam's steps (checked on the project's optimiser builder), and
+    # shrink-and-perturb leaves a LoRA start unchanged: the search treats each pair as one configuration.
+    from sophon.optim import make_optimizer
+
+    weights = {}
+    for name in ("adam", "adamw"):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(5))
+        opt = make_optimizer(name, [w], 0.1, 0.0)
+        for _ in range(3):
+            opt.zero_grad()
+            (w ** 3).sum().backward()
+            opt.step()
+        weights[name] = w.detach()
+    assert torch.equal(weights["adam"], weights["adamw"])
+    assert Trial("direct+all", "adamw", 1e-3, 8).equivalent == Trial("direct+all", "adam", 1e-3, 8).name
+    assert Trial("direct+all", "adamw", 1e-3, 8, weight_decay=0.01).equivalent != Trial(
+        "direct+all", "adam", 1e-3, 8, weight_decay=0.01).name
+    lora = Trial("lora", "momentum", 1e-2, 8, preparation="shrink_perturb@0.5/0.01")
+    assert lora.equivalent == Trial("lora", "momentum", 1e-2, 8).name
+    assert Trial("direct+all", "momentum", 1e-2, 8, preparation="shrink_perturb@0.5/0.01").equivalent != Trial(
+        "direct+all", "momentum", 1e-2, 8).name
+
+    space = {**SPACE, "optimizers": ["adam", "adamw"], "lrs": {"adam": SPACE["lrs"]["adam"], "adamw": SPACE["lrs"]["adam"]},
+             "weight_decays": [0.0, 0.01], "preparations": ["none", "shrink_perturb"]}
+    full = grid(space, "sophon")
+    # 3 lrs × 2 batch sizes × 2 schedules per (strategy, optimiser, wd, preparation): AdamW at wd 0 folds into
+    # Adam; for LoRA shrink-and-perturb folds into none.
+    per = 3 * 2 * 2
+    assert len(full) == len({t.equivalent for t in full}) == per * (2 * 3 * 2 + 1 * 3 * 1)
+    cfg = {"space": space, "trials": 60, "coarse_epochs": 1, "coarse_seed": 0,
+           "halving": {"pruner": "successive_halving", "min_epochs": 1, "reduction": 3}}
+    run, calls = _fake_run(lambda t, e: t.lr)
+    records = coarse_search(run, cfg, "sophon", higher=True)
+    assert len(records) == len(calls) == 60
+    assert len({Trial(**r["config"]).equivalent for r in records}) == 60  # no configuration ran twice in effect
 
 
 def test_trial_settings_read_the_shrink_perturb_label():
