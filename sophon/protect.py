@@ -161,6 +161,11 @@ def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None
         changes.append("starts " + "/".join(sorted(starts - {"direct+all", "initFC+all"})))
     if set(settings.task_space.get("optimizers", [])) - {"adam", "momentum"}:
         changes.append("optimizers " + "/".join(sorted(set(settings.task_space["optimizers"]) - {"adam", "momentum"})))
+    paper_space = (paper or {}).get("task_space", {})
+    for key, label in (("lrs", "adversary lrs"), ("batch_sizes", "adversary batches")):
+        if key in paper_space and sorted(settings.task_space.get(key, [])) != sorted(paper_space[key]):
+            changes.append(f"{label} {'/'.join(f'{v:g}' for v in sorted(settings.task_space[key]))} "
+                           f"(paper {'/'.join(f'{v:g}' for v in sorted(paper_space[key]))})")
     if settings.task_space.get("shrink_perturb"):
         changes.append("shrink-and-perturbed starts " + "/".join(
             f"{float(sp['shrink']):g}:{float(sp['perturb']):g}" for sp in settings.task_space["shrink_perturb"]))

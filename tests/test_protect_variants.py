@@ -416,6 +416,12 @@ def test_variant_name_names_the_strength_settings_that_differ_from_the_experimen
     assert variant_name(replace(same, alpha=0.0), None, "dos", paper) == (
         "paper + no suppression step (α 0: the reinforcement alone, a control)")
     assert variant_name(replace(same, beta=20.0)) == "paper"  # without the paper's settings nothing to compare
+    # The simulated adversaries' lrs and batch sizes, against the paper's task space (order does not matter).
+    space = {"starts": ["direct"], "optimizers": ["adam"], "lrs": [0.003, 0.001], "batch_sizes": [8, 16]}
+    spaced = {**paper, "task_space": {**space, "lrs": [0.001, 0.003]}}
+    assert variant_name(replace(same, task_space=space), None, "dos", spaced) == "paper"
+    assert variant_name(replace(same, task_space={**space, "batch_sizes": [4], "lrs": [0.01]}), None, "dos",
+                        spaced) == "paper + adversary lrs 0.01 (paper 0.001/0.003) + adversary batches 4 (paper 8/16)"
 
 
 @pytest.mark.parametrize("start,message", [("lora", "lora adversary takes no depth term at adapted"), ("reinit_up+all", "not allowed for classification"),
