@@ -1,7 +1,8 @@
 """Stage `ablation`: which of the protect stage's changes from the paper make the protection hold. Each variant
 of the experiment's `ablation.variants` (overrides of its `sophon` section) protects the original model, then meets
-the Sophon start's attack search (the same design, budget and seeds as the pipeline's) and is judged against the
-pipeline's search from scratch. `--table` puts the variants and the pipeline's own Sophon model side by side.
+the Sophon start's attack search (the same design, budget and seeds as the pipeline's) and the red-team suite, and is
+judged against the pipeline's searches from scratch and from the original. `--table` puts the variants and the
+pipeline's own Sophon model side by side.
 
     python -m stages.ablation --experiment quick-classification --variant paper
     python -m stages.ablation --experiment quick-classification --table
@@ -12,6 +13,7 @@ Not part of `snakemake` (the default target): `snakemake ablation` runs it, `dvc
 import dataclasses
 import time
 
+from sophon import envelope as env
 from sophon import layout
 from sophon.errors import ConfigError
 from sophon.features import stage_readout
@@ -24,6 +26,7 @@ from sophon.tracking import stage_run
 from sophon.train import seed_everything
 from stages.common import parser, parts, run, run_cache, setup, start_builder
 from stages.protect import protect_settings, protect_variant
+from stages.redteam import run_suite
 
 AT_EPOCHS = (1, 2, 3, 4, 5, 20, 50)  # the table's epochs: diffusion's goal is on every epoch 1-5
 
@@ -33,17 +36,40 @@ def quality_name(task) -> str:
     return "accuracy" if task.metric.endswith("accuracy") else "mse"
 
 
-def judged(exp: dict, sophon_doc: dict, scratch: dict, original: dict | None = None) -> dict:
+def judged(exp: dict, sophon_doc: dict, scratch: dict, original: dict | None = None,
+           redteam: dict | None = None) -> dict:
     """The envelope verdict of a Sophon search against the pipeline's search from scratch (`scratch`), and with the
-    original's search the share of its head start removed."""
+    original's search the share of its head start removed. With the red-team suite's attacks on the same model
+    (`redteam`, as stages.redteam.run_suite returns them): the attacks the envelope does not cover, those beyond
+    scratch, and the share removed against the worst case (at each epoch the stronger of the envelope and every
+    attack)."""
     docs = {"scratch": scratch, "sophon": sophon_doc, **({"original": original} if original else {})}
-    e = summarize(docs, exp["search"])
+    e = summarize(docs, exp["search"], {"sophon": {"attacks": redteam}} if redteam else None)
     gains, removed = e["advantage"]["per_epoch"], e.get("removed") or []
-    return {"holds": e["holds"], "violations": e["violations"], "max_gain": e["advantage"]["value"],
-            "removed_at": {str(k): removed[k] for k in AT_EPOCHS if k < len(removed)},
-            "max_gain_epoch": e["advantage"]["epoch"], "holds_last_checkpoint": e["last_checkpoint"]["holds"],
-            "gain_at": {str(k): gains[k] for k in AT_EPOCHS if k < len(gains)}, "cost_ratio": e["cost_ratio"],
-            "best_config": e["starts"]["sophon"]["best"]}
+    result = {"holds": e["holds"], "violations": e["violations"], "max_gain": e["advantage"]["value"],
+              "removed_at": {str(k): removed[k] for k in AT_EPOCHS if k < len(removed)},
+              "max_gain_epoch": e["advantage"]["epoch"], "holds_last_checkpoint": e["last_checkpoint"]["holds"],
+              "gain_at": {str(k): gains[k] for k in AT_EPOCHS if k < len(gains)}, "cost_ratio": e["cost_ratio"],
+              "best_config": e["starts"]["sophon"]["best"]}
+    if redteam:
+        checks = e["redteam"]["sophon"]
+        result["redteam"] = {"attacks": len(checks),
+                             "uncovered": [a for a, c in checks.items() if not c["vs_envelope"]["covered"]],
+                             "above_scratch": [a for a, c in checks.items() if not c["vs_scratch"]["covered"]]}
+        if "original" in e["starts"]:
+            worst = worst_case(e["starts"]["sophon"], [c["vs_envelope"]["mean"] for c in checks.values()],
+                               e["higher_is_better"])
+            worst_removed = env.removed(e["starts"]["original"], e["starts"]["scratch"], worst, e["higher_is_better"])
+            result["worst_removed_at"] = {str(k): worst_removed[k] for k in AT_EPOCHS if k < len(worst_removed)}
+    return result
+
+
+def worst_case(envelope: dict, attack_means: list[list[float]], higher_is_better: bool) -> dict:
+    """The envelope with, at each epoch, the attacker's best of its mean and every attack's seed mean (best
+    checkpoint so far) in its place; the envelope's std is kept."""
+    pick = max if higher_is_better else min
+    mean = [pick([m, *(a[k] for a in attack_means if k < len(a))]) for k, m in enumerate(envelope["mean"])]
+    return {**envelope, "mean": mean}
 
 
 def run_variant(exp: dict, variant: str, device) -> None:
@@ -76,15 +102,23 @@ def run_variant(exp: dict, variant: str, device) -> None:
         document = run_search(start_builder(exp, start, device), objective, adversary, restricted_test,
                               exp["search"], start="sophon", device=device, cache=run_cache(exp, start, objective))
         document.update(experiment=name, seconds=time.perf_counter() - began)
+        redteam = (run_suite(exp, start_builder(exp, start, device), run_cache(exp, start, objective), objective,
+                             adversary, restricted_test, device, start="sophon") if exp["redteam"]["attacks"] else None)
         result = {"variant": variant, "name": label, "changes": changes, "protect_seconds": protect_seconds,
                   "search_seconds": document["seconds"], "selected_loop": history.selected_loop,
-                  "intactness": intact, "search": document, **readout,
-                  **judged(exp, document, *pipeline_searches(name))}
+                  "intactness": intact, "search": document, "redteam_attacks": redteam, **readout,
+                  **judged(exp, document, *pipeline_searches(name), redteam)}
         tracked.log_metrics({"protect_seconds": protect_seconds, "max_gain": result["max_gain"],
                              **{f"gain_at_{k}": v for k, v in result["gain_at"].items()}})
         write_json(layout.ablation_result(name, variant), result)
     print(f"ablation {name}/{variant} ({label}): protection {'holds' if result['holds'] else 'does NOT hold'}, "
           f"largest gain {result['max_gain']:+.4g} at epoch {result['max_gain_epoch']}")
+
+
+def pipeline_redteam(exp: dict) -> dict | None:
+    """The pipeline's red-team suite against its Sophon release (its attacks), when the experiment has one."""
+    path = layout.redteam_result(exp["name"], "sophon")
+    return read_json(path)["attacks"] if exp["redteam"]["attacks"] and path.exists() else None
 
 
 def pipeline_searches(name: str) -> tuple[dict, dict | None]:
@@ -93,13 +127,29 @@ def pipeline_searches(name: str) -> tuple[dict, dict | None]:
     return read_json(layout.search_result(name, "scratch")), read_json(original) if original.exists() else None
 
 
+WORST_AT = (1, 2, 3, 4, 5)
+
+
+def redteam_cell(check: dict | None) -> str:
+    if not check:
+        return "–"
+    uncovered, above = check["uncovered"], check["above_scratch"]
+    return (f"{', '.join(uncovered) or 'none'} / {', '.join(above) or 'none'} (of {check['attacks']})")
+
+
+def worst_cell(removed: dict | None) -> str:
+    if not removed:
+        return "–"
+    return " / ".join(f"{removed[str(k)]:.0%}" if removed.get(str(k)) is not None else "–" for k in WORST_AT)
+
+
 def table(exp: dict) -> None:
     """results/<experiment>/ablation.{md,json}: every variant, and the pipeline's released Sophon model."""
     task, name = task_of(exp), exp["name"]
     scratch, original_search = pipeline_searches(name)
     rows = [read_json(layout.ablation_result(name, v)) for v in exp["ablation"]["variants"]]
     for row in rows:  # judged again here, so the table follows the current verdict rules
-        row.update(judged(exp, row["search"], scratch, original_search))
+        row.update(judged(exp, row["search"], scratch, original_search, row.get("redteam_attacks")))
     card = read_json(layout.model_dir(name, "sophon") / layout.CARD)
     history = read_json(layout.history(name, "sophon"))
     original = read_json(layout.model_dir(name, "original") / layout.CARD)
@@ -107,9 +157,11 @@ def table(exp: dict) -> None:
                  "protect_seconds": history["seconds"], "selected_loop": card.get("selected_loop"),
                  "intactness": {"original": original.get(f"original_test_{quality_name(task)}"),
                                 "protected": card.get(f"original_test_{quality_name(task)}")},
-                 **judged(exp, read_json(layout.search_result(name, "sophon")), scratch, original_search)})
+                 **judged(exp, read_json(layout.search_result(name, "sophon")), scratch, original_search,
+                          pipeline_redteam(exp))})
     for row in rows:
         row.pop("search", None)
+        row.pop("redteam_attacks", None)
     quality = quality_name(task)
     unit = "points" if quality == "accuracy" else "MSE"
     lines = [f"# Ablation: {name}", "",
@@ -121,8 +173,10 @@ def table(exp: dict) -> None:
              "| variant | changes from the paper | holds (epochs it fails) | holds (last checkpoint) | "
              + " | ".join(f"gain at {k}" for k in AT_EPOCHS) + " | "
              + " | ".join(f"removed at {k}" for k in AT_EPOCHS)
-             + f" | largest gain (epoch) | original-domain {quality} (original → protected) | protect time |",
-             "|---|---|---|---|" + "---|" * 2 * len(AT_EPOCHS) + "---|---|---|"]
+             + f" | largest gain (epoch) | red team: not covered / beyond scratch | removed, worst case with the red "
+             f"team, at {', '.join(str(k) for k in WORST_AT)} | original-domain {quality} (original → protected) | "
+             f"protect time |",
+             "|---|---|---|---|" + "---|" * 2 * len(AT_EPOCHS) + "---|---|---|---|---|"]
     for r in rows:
         at, removed = r["gain_at"], r.get("removed_at", {})
         holds = "yes" if r["holds"] else f"no ({len(r['violations'])})"
@@ -131,7 +185,8 @@ def table(exp: dict) -> None:
                      + "".join(f"{at[str(k)]:+.4g} | " if str(k) in at else "– | " for k in AT_EPOCHS)
                      + "".join(f"{removed[str(k)]:.0%} | " if removed.get(str(k)) is not None else "– | "
                                for k in AT_EPOCHS)
-                     + f"{r['max_gain']:+.4g} ({r['max_gain_epoch']}) | "
+                     + f"{r['max_gain']:+.4g} ({r['max_gain_epoch']}) | {redteam_cell(r.get('redteam'))} | "
+                     f"{worst_cell(r.get('worst_removed_at'))} | "
                      f"{r['intactness']['original']:.4g} → {r['intactness']['protected']:.4g} | "
                      f"{r['protect_seconds']:.0f} s |")
     write_json(layout.ablation_table(name).with_suffix(".json"), {"experiment": name, "rows": rows})

@@ -21,33 +21,42 @@ from sophon.tracking import stage_run
 from stages.common import fine_tuning_setup, parser, run, setup
 
 
+def run_suite(exp: dict, build, cache, objective, adversary, test, device, *, start: str, tracked=None) -> dict:
+    """Every attack of `redteam.attacks` at every seed of `redteam.seeds` from one start (through the search's run
+    cache): per attack its settings, whether it is held out, and its seed curves."""
+    task, cfg, attacks = task_of(exp), exp["redteam"], {}
+    for attack, spec in cfg["attacks"].items():
+        settings = AttackSettings(**{k: v for k, v in spec.items() if k != "held_out"})
+        curves = []
+        for seed in cfg["seeds"]:
+            record, cached = cached_finetune(cache, build, settings, seed, from_scratch=False, objective=objective,
+                                             adversary=adversary, test=test, device=device)
+            curves.append(record["curve"])
+            if tracked is not None:
+                tracked.child(f"{attack}/seed{seed}", params={**asdict(settings), "seed": seed},
+                              metrics={"final": record["curve"][-1]}, curve=(task.metric, record["curve"]),
+                              tags={"sophon.cached": cached, "sophon.redteam": attack})
+        # With sophon.select: redteam the held-out attacks also chose the released checkpoint (short probes on
+        # the defender's data): the report says so.
+        selects = bool(spec["held_out"] and exp["sophon"].get("select") == "redteam" and start == "sophon")
+        attacks[attack] = {"settings": asdict(settings), "held_out": spec["held_out"], "seeds": list(cfg["seeds"]),
+                           "selected_release": selects, "curves": curves}
+    return attacks
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--start", required=True)
     args = p.parse_args()
     exp, device = setup(args)
-    task, cfg, name = task_of(exp), exp["redteam"], exp["name"]
+    cfg, name = exp["redteam"], exp["name"]
     if args.start not in cfg["starts"]:
         raise ConfigError(f"--start {args.start!r} is not one of the red-team starts of {name}: {', '.join(cfg['starts'])}")
     objective, adversary, test, build, cache = fine_tuning_setup(exp, args.start, device)
-    began, attacks = time.perf_counter(), {}
+    began = time.perf_counter()
     with stage_run("redteam", name, name=f"redteam/{args.start}", params={"start": args.start, "seeds": cfg["seeds"]},
                    tags={"sophon.start": args.start}) as tracked:
-        for attack, spec in cfg["attacks"].items():
-            settings = AttackSettings(**{k: v for k, v in spec.items() if k != "held_out"})
-            curves = []
-            for seed in cfg["seeds"]:
-                record, cached = cached_finetune(cache, build, settings, seed, from_scratch=False, objective=objective,
-                                                 adversary=adversary, test=test, device=device)
-                curves.append(record["curve"])
-                tracked.child(f"{attack}/seed{seed}", params={**asdict(settings), "seed": seed},
-                              metrics={"final": record["curve"][-1]}, curve=(task.metric, record["curve"]),
-                              tags={"sophon.cached": cached, "sophon.redteam": attack})
-            # With sophon.select: redteam the held-out attacks also chose the released checkpoint (short probes on
-            # the defender's data): the report says so.
-            selects = bool(spec["held_out"] and exp["sophon"].get("select") == "redteam" and args.start == "sophon")
-            attacks[attack] = {"settings": asdict(settings), "held_out": spec["held_out"], "seeds": list(cfg["seeds"]),
-                               "selected_release": selects, "curves": curves}
+        attacks = run_suite(exp, build, cache, objective, adversary, test, device, start=args.start, tracked=tracked)
         seconds = time.perf_counter() - began
         tracked.log_metrics({"seconds": seconds})
     write_json(layout.redteam_result(name, args.start), {

@@ -8,7 +8,8 @@ rule ablation_variant:
         original_model,
         str(layout.search_result("{experiment}", "scratch")),
         state=dvc_state("ablation_variant", lambda w: {
-            "variant": exp(w)["ablation"]["variants"][w.variant], "sophon": exp(w)["sophon"], "search": exp(w)["search"]}),
+            "variant": exp(w)["ablation"]["variants"][w.variant], "sophon": exp(w)["sophon"], "search": exp(w)["search"],
+            "redteam": exp(w)["redteam"]}),
     output:
         str(layout.ablation_result("{experiment}", "{variant}")),
         model_inputs("{experiment}", layout.ablation_model("{experiment}", "{variant}")),
@@ -29,6 +30,9 @@ rule ablation_table:
         model_inputs("{experiment}", "sophon"),
         str(layout.history("{experiment}", "sophon")),
         str(layout.search_result("{experiment}", "sophon")),
+        lambda w: [str(layout.search_result(w.experiment, s)) for s in ("scratch", "original")
+                   if s == "scratch" or "original" in exp(w)["search"]["starts"]],
+        lambda w: [p for p in redteam_outputs(w.experiment) if p == str(layout.redteam_result(w.experiment, "sophon"))],
         state=dvc_state("ablation_table", lambda w: exp(w)["ablation"]),
     output:
         str(layout.ablation_table("{experiment}")),

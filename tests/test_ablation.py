@@ -1,0 +1,50 @@
+"""The ablation stage's verdict of one variant: the search's envelope, and with the red-team suite the attacks it
+does not cover and the share of the head start removed against the worst case."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sophon.config import experiment, load_params
+from stages.ablation import judged, redteam_cell, worst_case, worst_cell
+from tests.test_report import SEARCH, SEEDS, _search_doc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def exp():
+    e = experiment(load_params(ROOT / "params.yaml"), "quick-classification")
+    e["search"].update(epochs=3, seeds=SEEDS)
+    return e
+
+
+def test_worst_case_takes_the_attackers_best_at_each_epoch():
+    envelope = {"mean": [10.0, 20.0, 30.0], "std": [1.0, 1.0, 1.0]}
+    assert worst_case(envelope, [[5.0, 25.0, 28.0], [9.0, 19.0]], True) == {"mean": [10.0, 25.0, 30.0],
+                                                                          "std": [1.0, 1.0, 1.0]}
+    assert worst_case(envelope, [[5.0, 25.0, 28.0]], False)["mean"] == [5.0, 20.0, 28.0]  # MSE: lower is the attacker's
+
+
+def test_a_variant_is_judged_against_the_red_team_too(exp):
+    # Envelopes (seed mean of base and base + 2): scratch 11/51/61/71, original 11/71/81/86, Sophon 11/21/31/41.
+    docs = {start: _search_doc(start, SEARCH[start]) for start in ("scratch", "original", "sophon")}
+    alone = judged(exp, docs["sophon"], docs["scratch"], docs["original"])
+    assert "redteam" not in alone and alone["holds"]
+    assert alone["removed_at"]["1"] == pytest.approx((71 - 21) / 20)
+    # A red-team attack at 61/71/76 (seed means): above Sophon's envelope and above scratch's.
+    strong = {"strong": {"settings": {}, "held_out": True, "seeds": SEEDS,
+                         "curves": [[10, 60, 70, 75], [10, 62, 72, 77]]}}
+    weak = {"weak": {"settings": {}, "held_out": False, "seeds": SEEDS, "curves": [[10, 12, 13, 14]] * 2}}
+    with_red = judged(exp, docs["sophon"], docs["scratch"], docs["original"], {**strong, **weak})
+    assert with_red["redteam"] == {"attacks": 2, "uncovered": ["strong"], "above_scratch": ["strong"]}
+    assert with_red["holds"] == alone["holds"] and with_red["removed_at"] == alone["removed_at"]  # the search's verdict
+    # Against the worst case the share removed is (original − attack) / (original − scratch).
+    assert [with_red["worst_removed_at"][str(k)] for k in (1, 2, 3)] == pytest.approx([10 / 20, 10 / 20, 10 / 15])
+    assert redteam_cell(with_red["redteam"]) == "strong / strong (of 2)"
+    assert worst_cell(with_red["worst_removed_at"]) == "50% / 50% / 67% / – / –"
+    covered = judged(exp, docs["sophon"], docs["scratch"], docs["original"], weak)
+    assert covered["redteam"]["uncovered"] == [] and redteam_cell(covered["redteam"]) == "none / none (of 1)"
+    assert covered["worst_removed_at"] == {k: v for k, v in alone["removed_at"].items()}
