@@ -99,11 +99,12 @@ def run_variant(exp: dict, variant: str, device) -> None:
         task.save(model, exp, start, "sophon", {"variant": label, "selected_loop": history.selected_loop,
                                                "protect_settings": dataclasses.asdict(settings)})
         began = time.perf_counter()
-        document = run_search(start_builder(exp, start, device), objective, adversary, restricted_test,
-                              exp["search"], start="sophon", device=device, cache=run_cache(exp, start, objective))
+        build, cache = start_builder(exp, start, device), run_cache(exp, start, objective)
+        document = run_search(build, objective, adversary, restricted_test, exp["search"], start="sophon",
+                              device=device, cache=cache)
         document.update(experiment=name, seconds=time.perf_counter() - began)
-        redteam = (run_suite(exp, start_builder(exp, start, device), run_cache(exp, start, objective), objective,
-                             adversary, restricted_test, device, start="sophon") if exp["redteam"]["attacks"] else None)
+        redteam = (run_suite(exp, build, cache, objective, adversary, restricted_test, device, start="sophon")
+                   if exp["redteam"]["attacks"] else None)
         result = {"variant": variant, "name": label, "changes": changes, "protect_seconds": protect_seconds,
                   "search_seconds": document["seconds"], "selected_loop": history.selected_loop,
                   "intactness": intact, "search": document, "redteam_attacks": redteam, **readout,
