@@ -1,5 +1,8 @@
 """Offline domains and the defender/adversary split."""
 
+import subprocess
+import sys
+
 import torch
 
 from sophon.data import DomainRequest, conform, load_domain
@@ -67,6 +70,25 @@ def test_split_parts_round_trip_and_hash_check(tmp_path):
         raise AssertionError("a tampered split part must not load")
     except CheckpointError as err:
         assert "does not match the hash" in str(err)
+
+
+def test_a_split_part_is_the_same_bytes_whichever_process_writes_it(tmp_path):
+    # safetensors writes several metadata keys in a hash-map order that changes per process; run two processes
+    write = ("import sys, torch; from sophon.data import ImageSet; from sophon.data.splits import save_part; "
+             "save_part(ImageSet(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ('a', 'b')), "
+             "sys.argv[1], {'domain': 'digits', 'seed': 0, 'part': 'defender', 'size': 4, 'channels': 1})")
+    for name in ("one", "two", "three"):
+        subprocess.run([sys.executable, "-c", write, str(tmp_path / name)], check=True)
+    assert (tmp_path / "one").read_bytes() == (tmp_path / "two").read_bytes() == (tmp_path / "three").read_bytes()
+    assert load_part(tmp_path / "one").classes == ("a", "b")
+
+
+def test_a_split_part_written_before_the_single_metadata_key_still_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"images": torch.zeros(1, 1, 2, 2, dtype=torch.uint8), "labels": torch.tensor([1])},
+              str(tmp_path / "old.safetensors"), metadata={"classes": "cat\x1fdog", "part": "defender"})
+    assert load_part(tmp_path / "old.safetensors").classes == ("cat", "dog")
 
 
 def test_adversary_samples_caps_the_adversary_half_class_stratified_and_disjoint_from_the_defender():

@@ -6,6 +6,7 @@ for real datasets the manifest also records the index lists into the source spli
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -13,6 +14,8 @@ import torch
 from sophon.data.registry import DomainRequest, ImageSet, get_domain, load_domain
 from sophon.errors import CheckpointError
 from sophon.io import atomic_path, read_json, sha256_file, write_json
+
+PART_KEY = "sophon_part"  # the one safetensors metadata key of a split part: sorted JSON
 
 
 def stratified_halves(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +71,10 @@ def make_splits(original: dict, restricted: dict, request: DomainRequest, seed: 
 def save_part(data: ImageSet, path: str | Path, metadata: dict) -> None:
     from safetensors.torch import save_file
 
-    meta = {"classes": "\x1f".join(data.classes), **{k: str(v) for k, v in metadata.items()}}
+    # One metadata key holding sorted JSON: safetensors writes several keys in hash-map order, which differs from one
+    # process to the next, so the same split would get another file hash (and DVC would see changed data) every run.
+    meta = {PART_KEY: json.dumps({"classes": list(data.classes), **{k: str(v) for k, v in metadata.items()}},
+                                 sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file({"images": data.images.contiguous(), "labels": data.labels}, str(tmp), metadata=meta)
 
@@ -86,10 +92,17 @@ def load_part(path: str | Path, manifest: str | Path | None = None) -> ImageSet:
             raise CheckpointError(f"split part {path} does not match the hash in {manifest}: re-run the split stage")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            classes = tuple(handle.metadata()["classes"].split("\x1f"))
+            classes = part_classes(handle.metadata())
             return ImageSet(handle.get_tensor("images"), handle.get_tensor("labels"), classes)
     except (SafetensorError, OSError, KeyError) as exc:
         raise CheckpointError(f"split part {path} cannot be read: {exc}") from None
+
+
+def part_classes(metadata: dict) -> tuple[str, ...]:
+    """The class names of a part's safetensors metadata; parts written before PART_KEY kept them in `classes`."""
+    if PART_KEY in metadata:
+        return tuple(json.loads(metadata[PART_KEY])["classes"])
+    return tuple(metadata["classes"].split("\x1f"))
 
 
 def write_manifest(path: str | Path, parts: dict[str, Path], details: dict) -> None:
