@@ -36,10 +36,15 @@ def protect_settings(exp: dict, **changes) -> ProtectSettings:
 
 
 def protect_variant(exp: dict, settings: ProtectSettings, cfg: dict) -> str:
-    """The variant name of `settings` (from the `sophon` settings `cfg`), against the experiment's paper settings (its
-    `ablation.variants.paper`)."""
-    paper = ((exp.get("ablation") or {}).get("variants") or {}).get("paper")
-    return variant_name(settings, cfg.get("suppress_timesteps"), cfg["suppression"], paper)
+    """The variant name of `settings` (from the `sophon` settings `cfg`), against the experiment's paper settings: its
+    `ablation.variants.paper` over its `sophon` section, so a setting the paper row inherits is compared too. A protect
+    seed other than the paper's is named."""
+    row = ((exp.get("ablation") or {}).get("variants") or {}).get("paper")
+    paper = None if row is None else {**exp["sophon"], **row}
+    name = variant_name(settings, cfg.get("suppress_timesteps"), cfg["suppression"], paper)
+    if paper is not None and cfg.get("seed", paper.get("seed")) != paper.get("seed"):
+        name += f" + protect seed {cfg['seed']} (paper {paper['seed']})"
+    return name
 
 
 def redteam_probes(exp: dict, epochs: int) -> list[dict]:

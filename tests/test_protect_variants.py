@@ -424,6 +424,18 @@ def test_variant_name_names_the_strength_settings_that_differ_from_the_experimen
                         spaced) == "paper + adversary lrs 0.01 (paper 0.001/0.003) + adversary batches 4 (paper 8/16)"
 
 
+def test_a_variant_is_named_against_the_paper_row_over_the_experiments_sophon_section():
+    from stages.protect import protect_variant
+
+    sophon = {"suppression": "ice", "natural_steps": 2, "loops": 350, "seed": 0}
+    exp = {"sophon": sophon, "ablation": {"variants": {"paper": {"depth": {"weight": 0.0}}}}}
+    assert protect_variant(exp, ProtectSettings(natural_steps=2, loops=350), sophon) == "paper"
+    # natural_steps is not in the paper row: it inherits the experiment's 2, which a variant's 4 differs from
+    changed = {**sophon, "natural_steps": 4, "seed": 1}
+    assert protect_variant(exp, ProtectSettings(natural_steps=4, loops=350), changed) == (
+        "paper + reinforcement steps 4 (paper 2) + protect seed 1 (paper 0)")
+
+
 @pytest.mark.parametrize("start,message", [("lora", "lora adversary takes no depth term at adapted"), ("reinit_up+all", "not allowed for classification"),
                                            ("initFC+all", None), ("reinit2+all", None), ("reinit3+all", None)])
 def test_config_checks_simulated_starts_by_key(tmp_path, project_dir, start, message):
