@@ -171,6 +171,7 @@ def test_stage_writes_every_output(project, monkeypatch, capsys):
     assert envelope["holds"] is True and envelope["epochs"] == EPOCHS
     assert envelope["checkpoint"] == "best so far" and envelope["last_checkpoint"]["holds"] is True
     assert "Envelope verdict: protection HOLDS" in out and "Table V: optimiser" in md
+    assert "This is one release, from one protect run" in out  # a hold is the release's, not the method's
     assert "judged at each run's last checkpoint instead, it holds too" in md
     # The head start: original − scratch envelopes (71 − 51 at epoch 1), beyond the spread (√2) at epochs 1–3.
     head = envelope["head_start"]

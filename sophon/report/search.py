@@ -122,6 +122,10 @@ def verdict_line(e: dict) -> str:
                 f"(largest gain {a['value']:+.4g} {unit} at epoch {a['epoch']}). Cost to reach {target}: {ratio}.")
     if e.get("holds") and e.get("something_to_protect") is False:
         line += " (The original model has no head start here either: nothing was protected; see the head start.)"
+    elif e.get("holds"):
+        line += (" This is one release, from one protect run: another protect seed, or the same seed on a machine "
+                 "whose floating-point sums differ, releases another model, which may not hold (the ablation's "
+                 "protect-seed rows measure it).")
     last = e.get("last_checkpoint")
     if last is not None:
         line += (" Every run keeps its best checkpoint so far; judged at each run's last checkpoint instead, it "
