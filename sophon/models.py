@@ -128,6 +128,12 @@ def count_parameters(model: nn.Module) -> int:
 WEIGHTS, CARD = "model.safetensors", "model.json"
 
 
+def compute_environment() -> dict:
+    """What decides a run's floating-point rounding beyond its seeds: the torch build and the CPU kernels it
+    dispatches to (AVX2 and AVX512 kernels sum in different orders, so the same seeds train different weights)."""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def save_checkpoint(model: nn.Module, folder: str | Path, card: dict) -> None:
     """Write weights then the card (with the weights' hash), each atomically; the card comes last,
     so a folder with a card always holds complete weights."""
@@ -138,7 +144,7 @@ def save_checkpoint(model: nn.Module, folder: str | Path, card: dict) -> None:
     with atomic_path(folder / WEIGHTS) as tmp:
         save_file(state, str(tmp))
     full_card = {**card, "weights_sha256": sha256_file(folder / WEIGHTS), "sophon_version": __version__,
-                 "num_parameters": count_parameters(model)}
+                 "num_parameters": count_parameters(model), "compute": compute_environment()}
     write_json(folder / CARD, full_card)
 
 

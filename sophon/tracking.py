@@ -197,9 +197,12 @@ def stage_run(stage: str, experiment: str, *, params: dict, tags: dict | None = 
     interrupted (KeyboardInterrupt, which stages.common.run raises on SIGTERM too)."""
     import mlflow
 
+    from sophon.models import compute_environment
+
     experiment_id = init_store(experiment)
     all_tags = {"sophon.stage": stage, "sophon.invocation": invocation_id(), "sophon.host": socket.gethostname(),
-                "sophon.pid": str(os.getpid()), **(tags or {})}
+                "sophon.pid": str(os.getpid()),
+                **{f"sophon.{k}": v for k, v in compute_environment().items()}, **(tags or {})}
     run = mlflow.start_run(experiment_id=experiment_id, run_name=name or stage, tags=all_tags)
     try:
         mlflow.log_params(_flatten(params))

@@ -44,6 +44,8 @@ def test_checkpoint_round_trip(tmp_path):
     save_checkpoint(model, tmp_path / "m", CARD)
     loaded, card = load_classifier(tmp_path / "m")
     assert card["architecture"] == "test_resnet" and len(card["weights_sha256"]) == 64
+    # what decides the rounding beyond the seeds, so a user can tell why two machines train different weights
+    assert card["compute"] == {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     x = torch.rand(3, 3, 28, 28)
     model.eval(), loaded.eval()
     assert torch.equal(model(x), loaded(x))

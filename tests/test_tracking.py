@@ -118,3 +118,16 @@ def test_local_store_keeps_artifacts_in_mlartifacts(tmp_path, monkeypatch):
     experiment_id = init_store("local")
     location = mlflow.get_experiment(experiment_id).artifact_location
     assert location == (tmp_path.resolve() / ARTIFACT_DIR).as_uri(), location
+
+
+def test_runs_are_tagged_with_what_decides_their_rounding(store):
+    import torch
+    from mlflow import MlflowClient
+
+    from sophon import tracking
+
+    with tracking.stage_run("attack", "killed", params={}) as tracked:
+        run_id = tracked.run.info.run_id
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert tags["sophon.torch"] == torch.__version__
+    assert tags["sophon.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
