@@ -148,7 +148,9 @@ def _check_simulated_starts(sophon: dict, task: str, key: str, source: str) -> N
     from sophon.strategies import check_strategy
 
     named = [(f"{key}.task_space.starts", s) for s in sophon["task_space"]["starts"]]
-    for where, strategy in [*named, (f"{key}.probe.strategy", sophon["probe"]["strategy"])]:
+    probes = sophon["probe"] if isinstance(sophon["probe"], list) else [sophon["probe"]]
+    named += [(f"{key}.probe.strategy", probe["strategy"]) for probe in probes]
+    for where, strategy in named:
         strategy = START_ALIASES.get(strategy, strategy)
         depth = sophon.get("depth") or {}
         if (strategy == "lora" and where.endswith("starts") and depth.get("weight", 0) > 0

@@ -69,6 +69,7 @@ class ProtectSettings:
     late_weight: float = 1.0  # exponential: the last evaluation point's weight relative to the first
     select: str = "last"  # or "probe"/"redteam": release the check whose probe fine-tunes did worst (worst case)
     probe: dict | list = field(default_factory=lambda: dict(PROBE))  # AttackSettings fields; a list: several probes
+    probe_train_samples: int = 0  # defender images each probe fine-tunes on (0: half); the rest score it
     depth: dict = field(default_factory=lambda: dict(DEPTH))  # suppression at depth; weight 0 = off (the paper)
     task_space: dict = field(default_factory=lambda: {
         "starts": ["direct", "initFC"], "optimizers": ["adam", "momentum"],
@@ -176,7 +177,8 @@ def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None
     if settings.persist_loops > 1:
         changes.append(f"adversaries persist {settings.persist_loops} loops")
     if settings.select != "last":
-        changes.append(f"{settings.select}-selected checkpoint")
+        on = f" (probes on {settings.probe_train_samples} images)" if settings.probe_train_samples else ""
+        changes.append(f"{settings.select}-selected checkpoint{on}")
     if depth["weight"] > 0:
         where = {"released": "", "adapted": " at adapted weights", "both": " at released and adapted weights"}
         stages = "" if depth["stages"] == "all" else f" on {depth['stages']} stages"
@@ -216,7 +218,8 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
 
     if settings.select not in SELECTIONS:
         raise ConfigError(f"sophon.select: {settings.select!r} is not one of {', '.join(SELECTIONS)}")
-    probe = Probe(settings.probe, objective, defender, seed=seed, device=device) if settings.select != "last" else None
+    probe = (Probe(settings.probe, objective, defender, seed=seed, device=device,
+                   train_samples=settings.probe_train_samples) if settings.select != "last" else None)
     depth = depth_settings(settings)
     term = DepthTerm(model, objective, depth, seed) if depth["weight"] > 0 else None
     on_released = term is not None and depth["at"] in ("released", "both")
@@ -359,11 +362,12 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
 
 class Probe:
     """Held-out attacks run at every good check (`select: probe` or `redteam`): each a short fine-tune of a copy of
-    the model on one half of the defender's data, scored on the other half (mean quality over its epochs, as the lr
-    sweep scores); the score of a check is the worst case for the defender over the probes (the best attacker's)."""
+    the model on one half of the defender's data (or on `train_samples` images, as few as the attacker has), scored
+    on the rest (mean quality over its epochs, as the lr sweep scores); the score of a check is the worst case for the
+    defender over the probes (the best attacker's)."""
 
     def __init__(self, spec: dict | list[dict], objective: Objective, defender: ImageSet, *, seed: int,
-                 device: torch.device):
+                 device: torch.device, train_samples: int = 0):
         from sophon.attacks import AttackSettings
 
         specs = [spec] if isinstance(spec, dict) else list(spec)
@@ -375,9 +379,12 @@ class Probe:
                 raise ConfigError(f"sophon.probe: unknown keys {', '.join(sorted(unknown_keys))}")
         self.settings = [AttackSettings(**one) for one in specs]
         self.objective, self.seed, self.device = objective, seed, device
+        if not 0 <= train_samples < len(defender):
+            raise ConfigError(f"sophon.probe_train_samples: {train_samples} is not in [0, {len(defender)}) (the "
+                              f"defender's images; 0 = half)")
         order = torch.randperm(len(defender), generator=torch.Generator().manual_seed(seed + 1))
-        half = len(order) // 2
-        self.train, self.test = defender.subset(order[:half]), defender.subset(order[half:])
+        cut = train_samples or len(order) // 2
+        self.train, self.test = defender.subset(order[:cut]), defender.subset(order[cut:])
 
     def __call__(self, model: torch.nn.Module) -> float:
         from sophon.attacks import finetune, sweep_score

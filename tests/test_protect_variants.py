@@ -462,6 +462,44 @@ def test_several_probes_score_the_worst_case_for_the_defender(tiny):
         Probe([], ClassificationObjective("ice"), defender, seed=0, device=CPU)
 
 
+def test_probe_train_samples_sets_the_probe_split_and_is_checked():
+    images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1)
+    data = ImageSet(images, torch.zeros(20, dtype=torch.int64), ("x",))
+    half = Probe({"epochs": 1}, ClassificationObjective(), data, seed=0, device=CPU)
+    few = Probe({"epochs": 1}, ClassificationObjective(), data, seed=0, device=CPU, train_samples=4)
+    assert (len(half.train), len(half.test)) == (10, 10) and (len(few.train), len(few.test)) == (4, 16)
+    # The same seeded order: the few-shot probe's images are the first of the half split's, and no image is in both.
+    assert torch.equal(few.train.images, half.train.images[:4])
+    assert not set(few.train.images.flatten().tolist()) & set(few.test.images.flatten().tolist())
+    for bad in (-1, 20):
+        with pytest.raises(ConfigError, match="sophon.probe_train_samples"):
+            Probe({"epochs": 1}, ClassificationObjective(), data, seed=0, device=CPU, train_samples=bad)
+    named = variant_name(ProtectSettings(select="probe", probe_train_samples=100))
+    assert "probe-selected checkpoint (probes on 100 images)" in named
+
+
+@pytest.mark.parametrize("probe, message", [
+    ([{"strategy": "reinit3+all", "optimizer": "momentum", "lr": 0.01, "batch_size": 8, "epochs": 9}], None),
+    ({"strategy": "direct+all", "epochs": 3}, None),
+    ([], "probe"),
+    ([{"strategy": "direct+all", "optimizer": "adam"}], "probe"),  # no lr
+    ([{"strategy": "direct+all", "optimizer": "adam", "lr": 0.01, "steps": 3}], "probe"),
+    ([{"strategy": "reinit_up+all", "optimizer": "adam", "lr": 0.01}], r"probe.strategy' = reinit_up\+all"),
+])
+def test_params_probe_is_one_attack_or_a_list(tmp_path, project_dir, probe, message):
+    params = yaml.safe_load(open(f"{project_dir}/params.yaml"))
+    path = tmp_path / "params.yaml"
+    params["experiments"]["quick-classification"]["sophon"].update(select="probe", probe=probe)
+    path.write_text(yaml.safe_dump(params))
+    if message is None:
+        loaded = load_params(path)["experiments"]["quick-classification"]["sophon"]
+        assert loaded["probe_train_samples"] == 0
+        assert loaded["probe"] == probe if isinstance(probe, list) else loaded["probe"]["epochs"] == 3
+        return
+    with pytest.raises(ConfigError, match="quick-classification.sophon.probe"):
+        load_params(path)
+
+
 def test_redteam_selection_probes_are_the_held_out_red_team_attacks(project_dir):
     from sophon.config import load_params
     from stages.protect import protect_settings
