@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.optim.swa_utils import AveragedModel, update_bn
 
 from sophon.data import ImageSet
 from sophon.errors import ConfigError
@@ -70,6 +71,7 @@ class ProtectSettings:
     select: str = "last"  # or "probe"/"redteam": release the check whose probe fine-tunes did worst (worst case)
     probe: dict | list = field(default_factory=lambda: dict(PROBE))  # AttackSettings fields; a list: several probes
     probe_train_samples: int = 0  # defender images each probe fine-tunes on (0: half); the rest score it
+    average_from: int = 0  # > 0: release the mean weights of the good checks from this loop on (SWA); 0: the last loop's
     depth: dict = field(default_factory=lambda: dict(DEPTH))  # suppression at depth; weight 0 = off (the paper)
     task_space: dict = field(default_factory=lambda: {
         "starts": ["direct", "initFC"], "optimizers": ["adam", "momentum"],
@@ -179,6 +181,8 @@ def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None
     if settings.select != "last":
         on = f" (probes on {settings.probe_train_samples} images)" if settings.probe_train_samples else ""
         changes.append(f"{settings.select}-selected checkpoint{on}")
+    if settings.average_from:
+        changes.append(f"weights averaged over checks from loop {settings.average_from}")
     if depth["weight"] > 0:
         where = {"released": "", "adapted": " at adapted weights", "both": " at released and adapted weights"}
         stages = "" if depth["stages"] == "all" else f" on {depth['stages']} stages"
@@ -199,6 +203,7 @@ class ProtectHistory:
     nonfinite: int = 0  # loops whose suppression loss was NaN/inf (their update is skipped)
     probes: list[dict] = field(default_factory=list)  # {"loop", "score"}: the probe attack at each good check
     selected_loop: int | None = None  # the loop whose weights were released
+    averaged_loops: list[int] = field(default_factory=list)  # average_from: the checks whose mean was released
     depth_loss: list[float] = field(default_factory=list)  # depth MMD at the released weights (reinforcement steps)
     adapted_depth_loss: list[float] = field(default_factory=list)  # depth MMD at the adapted weights
 
@@ -218,6 +223,14 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
 
     if settings.select not in SELECTIONS:
         raise ConfigError(f"sophon.select: {settings.select!r} is not one of {', '.join(SELECTIONS)}")
+    if settings.average_from and settings.select != "last":
+        raise ConfigError(f"sophon.average_from: {settings.average_from} averages the checks, and sophon.select: "
+                          f"{settings.select} picks one; use one of them")
+    if settings.average_from > settings.loops:
+        raise ConfigError(f"sophon.average_from: {settings.average_from} is past the last loop "
+                          f"(sophon.loops: {settings.loops})")
+    # Batch-norm statistics are not averaged: they are recomputed for the mean weights at the end (as SWA does).
+    averaged = AveragedModel(model, use_buffers=False) if settings.average_from else None
     probe = (Probe(settings.probe, objective, defender, seed=seed, device=device,
                    train_samples=settings.probe_train_samples) if settings.select != "last" else None)
     depth = depth_settings(settings)
@@ -243,6 +256,8 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             depth_batches.restore(saved["depth_batches"])
         reference, history, first = saved["reference"], ProtectHistory(**saved["history"]), saved["loop"] + 1
         best = saved.get("best")
+        if averaged is not None:
+            averaged.load_state_dict(saved["averaged"])
         log.info("resumed from the state saved after loop %d", saved["loop"])
     else:
         history, first = ProtectHistory(), 1
@@ -258,6 +273,7 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             "torch_rng": torch.get_rng_state(), "generator": generator.get_state(), "rng": rng.getstate(),
             "normal_batches": normal_batches.state(), "reference": reference, "history": dataclasses.asdict(history),
             **({"best": best} if best is not None else {}),
+            **({"averaged": averaged.state_dict()} if averaged is not None else {}),
             **({"depth_generator": term.generator.get_state()} if term is not None else {}),
             **({"depth_batches": depth_batches.state()} if depth_batches is not None else {})})
 
@@ -339,6 +355,9 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
                             settings.rollback_tolerance, reference)
             else:
                 last_good = _snapshot(model, suppress_opt, normal_opt)
+                if averaged is not None and loop >= settings.average_from:
+                    averaged.update_parameters(model)
+                    history.averaged_loops.append(loop)
                 if probe is not None:
                     score = probe(model)
                     history.probes.append({"loop": loop, "score": score})
@@ -357,7 +376,25 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
         model.load_state_dict(best["model"])
         history.selected_loop = best["loop"]
         log.info("released the weights of loop %d (probe score %.4g)", best["loop"], best["score"])
+    if averaged is not None and history.averaged_loops:
+        release_average(model, averaged, objective, original_train, settings.natural_batch_size)
+        history.selected_loop = None
+        log.info("released the mean weights of the checks at loops %s: original-domain quality %.4g",
+                 history.averaged_loops, objective.quality(model, original_val, device))
     return history
+
+
+@torch.no_grad()
+def release_average(model: torch.nn.Module, averaged: AveragedModel, objective: Objective, original_train: ImageSet,
+                    batch_size: int) -> None:
+    """Load `averaged`'s mean parameters into `model` and recompute its batch-norm statistics on the original
+    domain's training data (torch's update_bn; a model without batch norm keeps its buffers)."""
+    for (name, mean), (_, p) in zip(averaged.module.named_parameters(), model.named_parameters(), strict=True):
+        p.copy_(mean)
+    generator = torch.Generator().manual_seed(0)
+    batches = [objective.model_inputs(original_train.images[start:start + batch_size], generator)
+               for start in range(0, len(original_train), batch_size)]
+    update_bn(batches, model)
 
 
 class Probe:

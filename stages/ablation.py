@@ -107,6 +107,7 @@ def run_variant(exp: dict, variant: str, device) -> None:
                    if exp["redteam"]["attacks"] else None)
         result = {"variant": variant, "name": label, "changes": changes, "protect_seconds": protect_seconds,
                   "search_seconds": document["seconds"], "selected_loop": history.selected_loop,
+                  "averaged_loops": history.averaged_loops,
                   "intactness": intact, "search": document, "redteam_attacks": redteam, **readout,
                   **judged(exp, document, *pipeline_searches(name), redteam)}
         tracked.log_metrics({"protect_seconds": protect_seconds, "max_gain": result["max_gain"],

@@ -113,6 +113,8 @@ def main() -> None:
         tracked.set_tag("sophon.variant", variant)
         task.save(model, exp, "sophon", "sophon", {**metrics, "suppression": cfg["suppression"], "variant": variant,
                                                    "selected_loop": history.selected_loop,
+                                                   **({"averaged_loops": history.averaged_loops}
+                                                      if history.averaged_loops else {}),
                                                    "protect_settings": dataclasses.asdict(settings)})
         tracked.log_artifact(layout.model_dir(name, "sophon") / layout.CARD)
         # The same weights in timm's / diffusers' own format (models/<experiment>/sophon/release), kept with the run
@@ -123,7 +125,9 @@ def main() -> None:
         version = tracked.log_checkpoint(layout.model_dir(name, "sophon"), f"sophon-{name}")
         tracked.set_tag("sophon.registered_version", version)
     shutil.rmtree(state_dir, ignore_errors=True)  # the outputs are complete: nothing to resume
-    print(f"Sophon model ({variant}, weights of loop {history.selected_loop}): "
+    released = (f"mean weights of the checks at loops {history.averaged_loops}" if history.averaged_loops
+                else f"weights of loop {history.selected_loop}")
+    print(f"Sophon model ({variant}, {released}): "
           + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f", {history.rollbacks} rollbacks ({seconds:.0f} s)")
 
 

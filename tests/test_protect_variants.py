@@ -361,6 +361,59 @@ def test_last_selection_releases_the_last_loop(tiny):
     assert history.selected_loop == 2 and history.probes == []
 
 
+def test_average_from_releases_the_mean_of_the_checks_with_batch_norm_statistics_recomputed(tiny):
+    shapes, defender = tiny
+    settings = _settings(average_from=3)
+    net = model()
+    history = protect(net, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU)
+    assert history.averaged_loops == [3, 4] and history.selected_loop is None
+    # The parameters are the mean of those of the same run stopped at loops 3 and 4.
+    stopped = {}
+    for loops in (3, 4):
+        stopped[loops] = model()
+        protect(stopped[loops], ClassificationObjective("ice"), defender, shapes, shapes, _settings(loops=loops),
+                seed=0, device=CPU)
+    for (name, p), p3, p4 in zip(net.named_parameters(), stopped[3].parameters(), stopped[4].parameters()):
+        assert torch.allclose(p, (p3 + p4) / 2, atol=1e-6), name
+    # The first batch norm's running mean is the mean over the original domain's batches of its input's batch means
+    # (update_bn's cumulative average); the last loop's own statistics are not kept.
+    first_bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    net.eval()  # its input is the same in either mode; eval keeps the statistics as released
+    batch_means = []
+    hook = first_bn.register_forward_pre_hook(lambda m, args: batch_means.append(args[0].mean(dim=(0, 2, 3))))
+    objective = ClassificationObjective("ice")
+    with torch.no_grad():
+        for start in range(0, len(shapes), settings.natural_batch_size):
+            net(*objective.model_inputs(shapes.images[start:start + settings.natural_batch_size], None))
+    hook.remove()
+    assert len(batch_means) == 8  # 120 images in batches of 16
+    assert torch.allclose(first_bn.running_mean, torch.stack(batch_means).mean(0), atol=1e-5)
+    last_bn = next(m for m in stopped[4].modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not torch.allclose(first_bn.running_mean, last_bn.running_mean, atol=1e-3)
+
+
+def test_average_from_resumes_exactly_and_is_checked(tiny, tmp_path):
+    shapes, defender = tiny
+    settings = _settings(loops=5, average_from=2, save_every=2)
+    uninterrupted = model()
+    protect(uninterrupted, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
+            state_dir=tmp_path, state_key="k")
+    assert read_state(tmp_path)["loop"] == 4 and int(read_state(tmp_path)["averaged"]["n_averaged"]) == 3
+    resumed = model()
+    history = protect(resumed, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0,
+                      device=CPU, state_dir=tmp_path, state_key="k")
+    assert history.averaged_loops == [2, 3, 4, 5]
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ConfigError, match="sophon.average_from: 2 averages the checks, and sophon.select: probe"):
+        protect(model(), ClassificationObjective("ice"), defender, shapes, shapes,
+                _settings(average_from=2, select="probe"), seed=0, device=CPU)
+    with pytest.raises(ConfigError, match=r"sophon.average_from: 9 is past the last loop \(sophon.loops: 4\)"):
+        protect(model(), ClassificationObjective("ice"), defender, shapes, shapes, _settings(average_from=9),
+                seed=0, device=CPU)
+    assert variant_name(_settings(average_from=300)) == "paper + weights averaged over checks from loop 300"
+
+
 def test_probe_direction_follows_the_objective():
     class Lower:
         higher_is_better = False
