@@ -389,11 +389,11 @@ def release_average(model: torch.nn.Module, averaged: AveragedModel, objective: 
                     batch_size: int) -> None:
     """Load `averaged`'s mean parameters into `model` and recompute its batch-norm statistics on the original
     domain's training data (torch's update_bn; a model without batch norm keeps its buffers)."""
-    for (name, mean), (_, p) in zip(averaged.module.named_parameters(), model.named_parameters(), strict=True):
+    for mean, p in zip(averaged.module.parameters(), model.parameters(), strict=True):
         p.copy_(mean)
     generator = torch.Generator().manual_seed(0)
-    batches = [objective.model_inputs(original_train.images[start:start + batch_size], generator)
-               for start in range(0, len(original_train), batch_size)]
+    batches = (objective.model_inputs(original_train.images[start:start + batch_size], generator)
+               for start in range(0, len(original_train), batch_size))  # lazy: update_bn reads none without BN
     update_bn(batches, model)
 
 

@@ -1,6 +1,7 @@
 """Unit tests of the diffusion core (sophon.diffusion) and its use of the shared protect loop. Fast (CPU, tiny UNet)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -165,6 +166,24 @@ def test_two_loop_protect_runs_and_changes_weights():
     assert history.nonfinite == 0
     changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert changed
+
+
+def test_an_averaged_release_of_a_unet_is_the_mean_of_its_checks():
+    """average_from on a model without batch norm (update_bn leaves it): the mean of the checks' parameters."""
+    settings = ProtectSettings(loops=2, lr=1e-3, alpha=1.0, beta=1.0, inner_steps=2, eval_every=1, eval_batch_size=4,
+                               natural_steps=1, natural_batch_size=4, check_every=1, rollback_tolerance=1e9,
+                               task_space={"starts": ["direct"], "optimizers": ["adam"], "lrs": [1e-3],
+                                           "batch_sizes": [4]})
+    runs = {}
+    for loops, average_from in ((1, 0), (2, 0), (2, 1)):
+        runs[loops, average_from] = model = tiny_unet()
+        history = protect(model, DiffusionObjective("dos"), images(8, seed=1), images(8, seed=2), images(4, seed=3),
+                          replace(settings, loops=loops, average_from=average_from), seed=0,
+                          device=torch.device("cpu"))
+    assert history.averaged_loops == [1, 2]
+    for (name, p), p1, p2 in zip(runs[2, 1].named_parameters(), runs[1, 0].parameters(), runs[2, 0].parameters()):
+        assert torch.allclose(p, (p1 + p2) / 2, atol=1e-6), name
+    assert any(not torch.allclose(p, p2) for p, p2 in zip(runs[2, 1].parameters(), runs[2, 0].parameters()))
 
 
 def test_stability_counter():
