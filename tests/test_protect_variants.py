@@ -398,7 +398,8 @@ def test_average_from_resumes_exactly_and_is_checked(tiny, tmp_path):
     uninterrupted = model()
     protect(uninterrupted, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
             state_dir=tmp_path, state_key="k")
-    assert read_state(tmp_path)["loop"] == 4 and int(read_state(tmp_path)["averaged"]["n_averaged"]) == 3
+    saved = read_state(tmp_path)
+    assert saved["loop"] == 4 and int(saved["averaged"]["n_averaged"]) == 3
     resumed = model()
     history = protect(resumed, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0,
                       device=CPU, state_dir=tmp_path, state_key="k")
