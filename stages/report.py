@@ -22,7 +22,8 @@ from sophon.report import figures
 from sophon.report import generation as gen_report
 from sophon.report import search as search_report
 from sophon.report.aggregate import ReportInputError, build_summary, means, read_input
-from sophon.report.render import attack_table, build_document, render_html, render_markdown, render_text, verdict_lines
+from sophon.report.render import (Bullets, Section, attack_table, build_document, intactness_line, paper_rule_line,
+                                  render_html, render_markdown, render_text, verdict_lines)
 from sophon.tasks import load_model, task_of
 from sophon.tracking import stage_run
 from stages.common import parser, parts, run, setup
@@ -41,13 +42,13 @@ def write_common(exp: dict, summary: dict, document, images: dict, csvs: dict[st
     card = read_card(layout.model_dir(exp["name"], "sophon"))
     summary["sophon_variant"] = {"name": card.get("variant", "paper"), "selected_loop": card.get("selected_loop")}
     loop = card.get("selected_loop")
-    document.sections[0].blocks.insert(1, f"Sophon variant: {summary['sophon_variant']['name']}"
+    document.sections[0].blocks.insert(0, f"Sophon variant: {summary['sophon_variant']['name']}"
                                           + (f" (released weights of loop {loop})." if loop is not None else "."))
     # An imported original model (original.checkpoint) is named with the hash of the weights that were read.
     source = read_card(layout.model_dir(exp["name"], "original")).get("source")
     if source:
         summary["original_source"] = source
-        document.sections[0].blocks.insert(1, f"Original model imported ({source['kind']}) from {source['path']}, "
+        document.sections[0].blocks.insert(0, f"Original model imported ({source['kind']}) from {source['path']}, "
                                               f"SHA-256 {source['sha256']}.")
     write_json(out / "summary.json", summary)
     for name, text in csvs.items():
@@ -117,11 +118,13 @@ def classification_report(exp: dict, device) -> tuple[dict, list[str]]:
         figures.sweep(summary["sweep"], images["sweep"])
         document = build_document(summary, exp["report"]["epochs"], images)
         document.sections.insert(1, search_section)
+        short = search_report.in_short(summary["envelope"], intactness_line(summary), paper_rule_line(summary))
+        document.sections.insert(0, Section("In short", [Bullets(short)]))
         write_common(exp, summary, document, images,
                      {name: accuracy_csv(entry) for name, entry in summary["attacks"].items()}, tracked)
         tracked.log_metrics({**headline_metrics(summary), "envelope_holds": int(summary["envelope"].get("holds", 0))})
     first = next(iter(exp["attacks"]))
-    return summary, [render_text(attack_table(summary, first, exp["report"]["epochs"])), "",
+    return summary, [*short, "", render_text(attack_table(summary, first, exp["report"]["epochs"])), "",
                      *verdict_lines(summary), search_report.verdict_line(summary["envelope"])]
 
 
@@ -187,6 +190,9 @@ def diffusion_report(exp: dict, device) -> tuple[dict, list[str]]:
         gen_report.protect_history(histories["sophon"], images["protect_history"])
         document = gen_report.build_document(summary, exp["report"]["epochs"], images, notes)
         document.sections.insert(1, search_section)
+        short = search_report.in_short(summary["envelope"], gen_report.intactness_line(summary),
+                                       gen_report.paper_rule_line(summary))
+        document.sections.insert(0, Section("In short", [Bullets(short)]))
         write_common(exp, summary, document, images,
                      {a: gen_report.curve_csv(entry) for a, entry in summary["attacks"].items()}, tracked)
         v = summary["verdicts"]
@@ -195,7 +201,7 @@ def diffusion_report(exp: dict, device) -> tuple[dict, list[str]]:
                              "sophon_at_or_above_scratch": int(v["sophon_at_or_above_scratch_every_epoch"]),
                              "pretraining_advantage": int(v["pretraining_advantage"]),
                              "envelope_holds": int(summary["envelope"].get("holds", 0))})
-    lines = []
+    lines = [*short, ""]
     for attack in summary["attacks"]:
         lines += [render_text(gen_report.attack_table(summary, attack, exp["report"]["epochs"])), ""]
     return summary, [*lines, *gen_report.verdict_lines(summary), search_report.verdict_line(summary["envelope"])]

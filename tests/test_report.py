@@ -162,7 +162,20 @@ def test_stage_writes_every_output(project, monkeypatch, capsys):
     csv_lines = (folder / "curves/direct_all.csv").read_text().splitlines()
     assert csv_lines[0] == "epoch,scratch,original,ntl,sophon" and csv_lines[2].startswith("1,41.0000,")
     assert json.loads((folder / "summary.json").read_text())["verdicts"]["protection_holds"] is False
-    assert "Epoch 3" in out and "Epoch 5" not in out and "Overall: protection does NOT hold" in out
+    assert "Epoch 3" in out and "Epoch 5" not in out
+    assert "The paper's rule over every fixed attack: protection does NOT hold" in out
+    # The report opens with the answers, the strongest-attacker verdict before the paper's rule.
+    assert md.startswith(f"# Sophon report: {EXP}\n\n## In short\n\nSophon variant: paper.\n")
+    short = md.split("## In short")[1].split("\n## ")[0]
+    assert "Something to protect: yes" in short and "beyond the seeds' spread at 3 of the 4 epochs 0–3" in short
+    assert "(2 configurations per start, seeds 0, 1, 3 epochs): protection HOLDS" in short
+    assert "Share of the head start removed: 250% at epoch 1" in short and "It judges this release" in short
+    # The red-team attack runs far above Sophon's envelope and scratch's.
+    assert ("Red team (1 fixed attacks, 1 held out of every tuning): 1 NOT covered by the search's envelope (strong)"
+            in short and "1 beat scratch beyond the seeds' spread (strong)" in short)
+    assert "protection holds under 1 of 2 (largest excess: initfc_fc +2.0 points, within seed noise)" in short
+    assert short.index("strongest searched attacker") < short.index("The paper's fixed attacks")
+    assert out.startswith("Something to protect: yes")
     # The envelope: the best confirmed configuration per epoch (cfg-a), mean over seeds 0 and 1 (+0 and +2).
     envelope = json.loads((folder / "summary.json").read_text())["envelope"]
     assert envelope["starts"]["scratch"]["mean"] == pytest.approx([11, 51, 61, 71])
@@ -185,3 +198,20 @@ def test_stage_writes_every_output(project, monkeypatch, capsys):
     assert not strong["vs_envelope"]["covered"] and strong["vs_envelope"]["violations"] == [1, 2, 3]
     assert not strong["vs_scratch"]["covered"]
     assert "does NOT cover 1 red-team attack(s): strong (Sophon model)" in md
+
+
+def test_in_short_says_when_there_is_nothing_to_protect_and_reads_mse_the_right_way():
+    from sophon.report.search import in_short
+
+    e = {"higher_is_better": False, "epochs": 2, "budget": {"trials": 5, "seeds": [0, 1]},
+         "head_start": {"something_to_protect": False, "value": 0.01, "epoch": 1, "beyond_spread": []},
+         "advantage": {"value": 0.25, "epoch": 1}, "holds": False, "violations": [1, 2], "removed": [None, None, None]}
+    lines = in_short(e, "intact", "paper")
+    assert lines[0].startswith("Something to protect: NO.") and "protects nothing here" in lines[0]
+    assert ("protection does NOT hold. The best attacker on Sophon gains at most +0.2500 MSE over the best training "
+            "from scratch (epoch 1), beyond the seeds' spread at 2 epochs (1, 2).") in lines[1]
+    assert "Share of the head start" not in lines[1] and "It judges this release" not in lines[1]
+    assert lines[2:4] == ["intact", "paper"] and lines[4].startswith("Which line is the security claim")
+    assert in_short({}, "intact", "paper")[:2] == [
+        "Something to protect: not measured (the search needs the original and the scratch start).",
+        "Against the strongest searched attacker: no verdict (the search needs the scratch and Sophon starts)."]

@@ -104,6 +104,62 @@ def head_start_line(e: dict) -> str:
     return line
 
 
+def in_short(e: dict, intactness: str, paper_rule: str) -> list[str]:
+    """The report's first lines: is there something to protect, does the protection hold against the strongest
+    attacker, does the search cover the red team, intactness, then the paper's own rule; which line is the claim."""
+    higher, unit = e.get("higher_is_better", True), "points" if e.get("higher_is_better", True) else "MSE"
+    lines = []
+    h = e.get("head_start")
+    if h is None:
+        lines.append("Something to protect: not measured (the search needs the original and the scratch start).")
+    elif not h["something_to_protect"]:
+        lines.append("Something to protect: NO. Under the search, fine-tuning the original (unprotected) model is no "
+                     "better than training from scratch beyond the seeds' spread at any epoch, so whatever the verdict "
+                     "below says, it protects nothing here.")
+    else:
+        lines.append(f"Something to protect: yes. Fine-tuning the original (unprotected) model beats training from "
+                     f"scratch by up to {_signed(h['value'], higher)} {unit} (epoch {h['epoch']}), beyond the seeds' "
+                     f"spread at {len(h['beyond_spread'])} of the {e['epochs'] + 1} epochs 0–{e['epochs']}.")
+    if "advantage" not in e:
+        lines.append("Against the strongest searched attacker: no verdict (the search needs the scratch and Sophon "
+                     "starts).")
+    else:
+        b, a = e["budget"], e["advantage"]
+        where = ("within the seeds' spread at every epoch" if e["holds"] else
+                 f"beyond the seeds' spread at {len(e['violations'])} epochs ({_epochs(e['violations'])})")
+        line = (f"Against the strongest searched attacker ({b['trials']} configurations per start, seeds "
+                f"{', '.join(map(str, b['seeds']))}, {e['epochs']} epochs): protection "
+                f"{'HOLDS' if e['holds'] else 'does NOT hold'}. The best attacker on Sophon gains at most "
+                f"{_signed(a['value'], higher)} {unit} over the best training from scratch (epoch {a['epoch']}), "
+                f"{where}.")
+        removed = e.get("removed") or []
+        shown = [x for x in (1, 2, 5, 20, 50) if x < len(removed) and removed[x] is not None]
+        if h is not None and h["something_to_protect"] and shown:
+            line += (" Share of the head start removed: "
+                     + ", ".join(f"{removed[x]:.0%} at epoch {x}" for x in shown) + " (100%: as hard as scratch).")
+        if e["holds"]:
+            line += (" It judges this release, from one protect run: another protect seed releases another model, "
+                     "which may not hold (README: the ablation by protect seed).")
+        lines.append(line)
+    if e.get("redteam"):
+        attacks = [(name, a) for per in e["redteam"].values() for name, a in per.items()]
+        uncovered = [n for n, a in attacks if not a["vs_envelope"]["covered"]]
+        beyond = [n for n, a in attacks if not a["vs_scratch"]["covered"]]
+        held_out = sum(1 for _, a in attacks if a["held_out"])
+        lines.append(f"Red team ({len(attacks)} fixed attacks, {held_out} held out of every tuning): "
+                     + ("all covered by the search's envelope" if not uncovered else
+                        f"{len(uncovered)} NOT covered by the search's envelope ({', '.join(uncovered)}): the search "
+                        f"missed a stronger attacker")
+                     + ("; none beats scratch beyond the seeds' spread." if not beyond else
+                        f"; {len(beyond)} beat scratch beyond the seeds' spread ({', '.join(beyond)})."))
+    lines += [intactness, paper_rule,
+              "Which line is the security claim: the strongest-attacker line, the worst case over the search (each "
+              "start's best attacker, judged within the seeds' spread). The paper's rule compares each fixed recipe "
+              "from Sophon and from scratch with no allowance for seed noise; it is stricter per epoch and weaker in "
+              "attackers."]
+    return lines
+
+
 def verdict_line(e: dict) -> str:
     """The envelope verdict in words."""
     if "advantage" not in e:
