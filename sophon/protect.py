@@ -10,6 +10,12 @@ Gaussian noise (representation noising, Rosati et al. 2024; sophon.losses.mmd_to
 adversary keeps when it re-initialises the last ones stop carrying the restricted domain's features; or
 (`depth.loss: probe`) what a ridge probe reads of the restricted labels from them (sophon.losses.probe_readout).
 
+Out of the basin (`basin`): the same depth loss (`probe` or `mmd`), taken at a point drawn on the line from the
+released weights towards the original ones, θ(a) = (1 − a)·θ + a·θ_original with a uniform in [0, reach), and added
+to every reinforcement step, so the original model's neighbourhood on the released side stops carrying the
+restricted domain too (relearning resistance tracks the distance and linear-mode connectivity to the original
+weights, reference-facts; sophon.basin measures them).
+
 `variant_name` says which of these a run used; the model card and the report carry it.
 
 Suppression at depth: `depth.at: released` adds `weight × MMD` of a defender batch at the released weights to every reinforcement step's
@@ -73,6 +79,7 @@ class ProtectSettings:
     probe_train_samples: int = 0  # defender images each probe fine-tunes on (0: half); the rest score it
     average_from: int = 0  # > 0: release the mean weights of the good checks from this loop on (SWA); 0: the last loop's
     depth: dict = field(default_factory=lambda: dict(DEPTH))  # suppression at depth; weight 0 = off (the paper)
+    basin: dict = field(default_factory=lambda: dict(BASIN))  # the depth loss on the line to the original; 0 = off
     task_space: dict = field(default_factory=lambda: {
         "starts": ["direct", "initFC"], "optimizers": ["adam", "momentum"],
         "lrs": [3e-4, 1e-3, 3e-3], "batch_sizes": [64, 128], "lr_scale": {"momentum": 10.0}})
@@ -86,6 +93,8 @@ DEPTH = {"weight": 0.0, "stages": "all", "at": "released", "loss": "mmd"}
 DEPTH_AT = ("released", "adapted", "both")
 DEPTH_LOSSES = ("mmd", "probe")  # mmd: features towards noise (distribution); probe: no linear readout (information)
 DEPTH_SEED = 7919  # the depth term's generator is seeded with seed + DEPTH_SEED: the loop's own draws stay as they were
+BASIN = {"weight": 0.0, "reach": 0.5, "loss": "probe"}
+BASIN_SEED = 104729  # the basin term's own generator (seed + DEPTH_SEED + BASIN_SEED): nothing else's draws move
 
 
 def depth_settings(settings: ProtectSettings) -> dict:
@@ -106,6 +115,48 @@ def depth_settings(settings: ProtectSettings) -> dict:
         raise ConfigError(f"sophon.depth.at: {depth['at']} adds the depth term to the reinforcement steps, and "
                           f"sophon.natural_steps is 0; use at: adapted or natural_steps >= 1")
     return depth
+
+
+def basin_settings(settings: ProtectSettings) -> dict:
+    """`settings.basin` over the defaults, checked (ConfigError naming the key)."""
+    unknown_keys = set(settings.basin) - set(BASIN)
+    if unknown_keys:
+        raise ConfigError(f"sophon.basin: unknown keys {', '.join(sorted(unknown_keys))}; known: {', '.join(BASIN)}")
+    basin = {**BASIN, **settings.basin}
+    if not isinstance(basin["weight"], (int, float)) or basin["weight"] < 0:
+        raise ConfigError(f"sophon.basin.weight: {basin['weight']!r} is not a number >= 0")
+    if not isinstance(basin["reach"], (int, float)) or not 0 < basin["reach"] <= 1:
+        raise ConfigError(f"sophon.basin.reach: {basin['reach']!r} is not in (0, 1] (the share of the way to the "
+                          f"original weights)")
+    if basin["loss"] not in DEPTH_LOSSES:
+        raise ConfigError(f"sophon.basin.loss: {basin['loss']!r} is not one of {', '.join(DEPTH_LOSSES)}")
+    if basin["weight"] > 0 and settings.natural_steps == 0:
+        raise ConfigError("sophon.basin.weight: the basin term is added to the reinforcement steps, and "
+                          "sophon.natural_steps is 0")
+    return basin
+
+
+class BasinTerm:
+    """The depth loss (DepthTerm) at a point of the line from the weights to the original ones: θ(a) = (1 − a)·θ +
+    a·θ_original, a uniform in [0, reach) from the term's own generator, so the gradient reaches θ with a factor
+    1 − a. θ_original: the model's parameters when the term is made (protect makes it before any step or resume).
+    Buffers: the model's own, copied (no batch-norm statistics move)."""
+
+    def __init__(self, model: torch.nn.Module, objective: Objective, basin: dict, seed: int):
+        if basin["loss"] == "probe" and not objective.higher_is_better:  # the diffusion objective: lower is better
+            raise ConfigError("sophon.basin.loss: probe reads class labels; a diffusion objective has none (use mmd)")
+        self.depth = DepthTerm(model, objective, {**DEPTH, "loss": basin["loss"]}, seed + BASIN_SEED)
+        self.model, self.weight, self.reach = model, float(basin["weight"]), float(basin["reach"])
+        self.generator = self.depth.generator
+        self.original = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def point(self, a: float) -> dict[str, torch.Tensor]:
+        return {**{name: (1 - a) * p + a * self.original[name] for name, p in self.model.named_parameters()},
+                **{name: b.detach().clone() for name, b in self.model.named_buffers()}}
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        a = float(torch.rand((), generator=self.generator)) * self.reach
+        return self.depth(images, self.point(a), labels)
 
 
 class DepthTerm:
@@ -188,6 +239,10 @@ def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None
         stages = "" if depth["stages"] == "all" else f" on {depth['stages']} stages"
         kind = {"mmd": "MMD", "probe": "probe readout"}.get(depth["loss"], depth["loss"])
         changes.append(f"depth {kind} ×{depth['weight']:g}{stages}{where.get(depth['at'], ' ' + str(depth['at']))}")
+    basin = {**BASIN, **settings.basin}
+    if basin["weight"] > 0:
+        kind = {"mmd": "MMD", "probe": "probe readout"}.get(basin["loss"], basin["loss"])
+        changes.append(f"basin {kind} ×{basin['weight']:g} on the line to the original weights (a < {basin['reach']:g})")
     if suppress_timesteps is not None and list(suppress_timesteps) != [0, 1000]:  # 1,000: the DDPM's steps
         changes.append(f"suppression on t in [{suppress_timesteps[0]}, {suppress_timesteps[1]})")
     return " + ".join(["paper", *changes])
@@ -206,6 +261,7 @@ class ProtectHistory:
     averaged_loops: list[int] = field(default_factory=list)  # average_from: the checks whose mean was released
     depth_loss: list[float] = field(default_factory=list)  # depth MMD at the released weights (reinforcement steps)
     adapted_depth_loss: list[float] = field(default_factory=list)  # depth MMD at the adapted weights
+    basin_loss: list[float] = field(default_factory=list)  # the basin term (reinforcement steps), per loop
 
 
 def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, original_train: ImageSet,
@@ -238,6 +294,9 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
     on_released = term is not None and depth["at"] in ("released", "both")
     on_adapted = term is not None and depth["at"] in ("adapted", "both")
     depth_batches = endless_batches(defender, settings.natural_batch_size, term.generator) if on_released else None
+    basin = basin_settings(settings)
+    line = BasinTerm(model, objective, basin, seed) if basin["weight"] > 0 else None  # before a resume: θ_original
+    basin_batches = endless_batches(defender, settings.natural_batch_size, line.generator) if line is not None else None
     best: dict | None = None  # the probe-selected weights: {"loop", "score", "model"}
 
     saved = read_state(state_dir) if state_dir is not None else None
@@ -254,6 +313,9 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             term.generator.set_state(saved["depth_generator"])
         if depth_batches is not None:
             depth_batches.restore(saved["depth_batches"])
+        if line is not None:
+            line.generator.set_state(saved["basin_generator"])
+            basin_batches.restore(saved["basin_batches"])
         reference, history, first = saved["reference"], ProtectHistory(**saved["history"]), saved["loop"] + 1
         best = saved.get("best")
         if averaged is not None:
@@ -275,7 +337,9 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             **({"best": best} if best is not None else {}),
             **({"averaged": averaged.state_dict()} if averaged is not None else {}),
             **({"depth_generator": term.generator.get_state()} if term is not None else {}),
-            **({"depth_batches": depth_batches.state()} if depth_batches is not None else {})})
+            **({"depth_batches": depth_batches.state()} if depth_batches is not None else {}),
+            **({"basin_generator": line.generator.get_state(), "basin_batches": basin_batches.state()}
+               if line is not None else {})})
 
     def new_adversary() -> Adversary:
         order = torch.randperm(len(defender), generator=generator)
@@ -318,17 +382,21 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
         # Normal training reinforcement on the original domain.
         # With depth on the released weights, each step also pushes the stage features of a defender batch
         # towards noise (one loss, one Adam step).
-        normal, released_depth = 0.0, 0.0
+        normal, released_depth, basin_loss = 0.0, 0.0, 0.0
         for _ in range(settings.natural_steps):
             images, labels = next(normal_batches)
             loss = objective.finetune_loss(model, images, labels, generator)
+            total_loss = loss
             if on_released:
                 depth_images, depth_labels = next(depth_batches)
                 mmd = term(depth_images, labels=depth_labels)
                 released_depth += mmd.item() / settings.natural_steps
-                total_loss = loss + term.weight * mmd
-            else:
-                total_loss = loss
+                total_loss = total_loss + term.weight * mmd
+            if line is not None:
+                basin_images, basin_labels = next(basin_batches)
+                on_line = line(basin_images, basin_labels)
+                basin_loss += on_line.item() / settings.natural_steps
+                total_loss = total_loss + line.weight * on_line
             normal_opt.zero_grad(set_to_none=True)
             total_loss.backward()
             normal_opt.step()
@@ -341,6 +409,8 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             history.depth_loss.append(released_depth)
         if on_adapted:
             history.adapted_depth_loss.append(sum(adapted_depth) / len(adapted_depth))
+        if line is not None:
+            history.basin_loss.append(basin_loss)
         bar.set_postfix(suppress=f"{suppression:.3g}", normal=f"{normal:.3g}")
 
         if loop % settings.check_every == 0 or loop == settings.loops:

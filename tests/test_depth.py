@@ -1,5 +1,6 @@
 """Suppression at depth: every stage's output per model family (sophon.features), and the protect loop's depth term
-(sophon.protect.DepthTerm, `sophon.depth`): off by default and then bit-identical to the paper's loop."""
+(sophon.protect.DepthTerm, `sophon.depth`) and basin term (sophon.protect.BasinTerm, `sophon.basin`): each off by
+default and then bit-identical to the paper's loop."""
 
 import copy
 
@@ -13,7 +14,7 @@ from sophon.errors import ConfigError
 from sophon.features import _hooked, _stage_module, feature_stages, stage_features
 from sophon.models import build_classifier
 from sophon.objectives import ClassificationObjective
-from sophon.protect import DEPTH, DepthTerm, ProtectSettings, protect, variant_name
+from sophon.protect import BASIN, DEPTH, BasinTerm, DepthTerm, ProtectSettings, protect, variant_name
 
 CPU = torch.device("cpu")
 
@@ -215,10 +216,11 @@ def test_depth_on_a_diffusion_unet_runs(tiny):
     settings = ProtectSettings(loops=2, inner_steps=2, eval_every=1, eval_batch_size=8, natural_steps=1,
                                natural_batch_size=8, check_every=2, rollback_tolerance=100.0,
                                task_space={"starts": ["direct"], "optimizers": ["adam"], "lrs": [1e-3],
-                                           "batch_sizes": [8]}, depth={"weight": 1.0, "at": "both"})
+                                           "batch_sizes": [8]}, depth={"weight": 1.0, "at": "both"},
+                               basin={"weight": 1.0, "loss": "mmd"})
     history = protect(unet, DiffusionObjective("dos"), faces, faces, faces, settings, seed=0, device=CPU)
-    assert len(history.depth_loss) == len(history.adapted_depth_loss) == 2
-    assert all(v == v for v in history.depth_loss + history.adapted_depth_loss)
+    assert len(history.depth_loss) == len(history.adapted_depth_loss) == len(history.basin_loss) == 2
+    assert all(v == v for v in history.depth_loss + history.adapted_depth_loss + history.basin_loss)
 
 
 def test_depth_settings_are_checked_and_named(tiny):
@@ -301,3 +303,104 @@ def test_stage_readout_is_per_stage_reproducible_and_reads_more_from_a_trained_m
     trained = stage_readout(net, defender.subset(range(64)), CPU, batch_size=64, batches=1)
     untrained = stage_readout(resnet(), defender.subset(range(64)), CPU, batch_size=64, batches=1)
     assert trained[-1] > untrained[-1] + 0.1, (trained, untrained)
+
+
+# --- out of the basin: the depth loss on the line to the original weights ------------------------------------------
+
+def _moved(net, scale=0.05):
+    """Move every parameter off where it is (seeded), so the line from the weights to the original has length."""
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+
+
+def test_basin_term_is_the_depth_loss_at_a_point_of_the_line_with_its_gradient_scaled_by_one_minus_a(tiny):
+    from sophon.losses import probe_readout
+
+    _, defender = tiny
+    net = resnet().train()
+    original = {name: p.detach().clone() for name, p in net.named_parameters()}
+    term = BasinTerm(net, ClassificationObjective("ice"), {**BASIN, "weight": 1.0, "reach": 0.8}, seed=3)
+    _moved(net)
+    images, labels = defender.images[:64], defender.labels[:64]
+    state = term.generator.get_state()
+    a = float(torch.rand((), generator=term.generator)) * 0.8
+    term.generator.set_state(state)
+    assert 0 < a < 0.8
+    loss = term(images, labels)
+    loss.backward()
+    # Closed form: the probe readout at θ(a) = (1 − a)·θ + a·θ_original, differentiated at that point.
+    point = {name: ((1 - a) * p + a * original[name]).detach().requires_grad_(True) for name, p in net.named_parameters()}
+    buffers = {name: b.detach().clone() for name, b in net.named_buffers()}
+    expected = probe_readout(stage_features(net, (images.float() / 255,), {**point, **buffers}), labels)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and loss.item() > 0
+    for name, p in net.named_parameters():
+        if point[name].grad is None:
+            assert p.grad is None or not p.grad.any(), name
+        else:
+            torch.testing.assert_close(p.grad, (1 - a) * point[name].grad, rtol=1e-4, atol=1e-7)
+    for name, value in term.original.items():  # the original weights are the term's own copy, not moved
+        assert torch.equal(value, original[name]), name
+
+
+def test_basin_weight_zero_is_the_paper_loop_bit_for_bit_and_a_weight_moves_the_weights(tiny):
+    default, _ = _protected(tiny)
+    zero, history = _protected(tiny, basin={"weight": 0.0, "reach": 1.0})
+    for (name, a), b in zip(default.state_dict().items(), zero.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert history.basin_loss == []
+    basin, history = _protected(tiny, basin={"weight": 5.0})
+    assert len(history.basin_loss) == 4 and all(0 <= v <= 1 for v in history.basin_loss)
+    assert any(not torch.equal(a, b) for a, b in zip(default.state_dict().values(), basin.state_dict().values()))
+
+
+def test_protect_with_basin_resumes_exactly(tiny, tmp_path):
+    shapes, defender = tiny
+    settings = _settings(loops=3, save_every=1, basin={"weight": 5.0, "reach": 0.7})
+    uninterrupted = resnet()
+    protect(uninterrupted, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
+            state_dir=tmp_path, state_key="k")  # leaves the state saved after loop 2
+    resumed = resnet()  # the start model again: the term's original weights are read before the state is loaded
+    protect(resumed, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
+            state_dir=tmp_path, state_key="k")
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_basin_settings_are_checked_and_named(tiny):
+    from sophon.diffusion import DiffusionObjective
+
+    shapes, defender = tiny
+    for basin, message in [({"far": 1}, "sophon.basin: unknown keys far"),
+                           ({"weight": 1.0, "reach": 0.0}, "sophon.basin.reach: 0.0 is not in"),
+                           ({"weight": 1.0, "reach": 1.5}, "sophon.basin.reach: 1.5 is not in"),
+                           ({"weight": -1.0}, "sophon.basin.weight: -1.0"),
+                           ({"weight": 1.0, "loss": "noise"}, "sophon.basin.loss: 'noise'")]:
+        with pytest.raises(ConfigError, match=message):
+            protect(resnet(), ClassificationObjective(), defender, shapes, shapes, _settings(basin=basin), seed=0,
+                    device=CPU)
+    with pytest.raises(ConfigError, match="sophon.basin.weight: the basin term is added to the reinforcement"):
+        protect(resnet(), ClassificationObjective(), defender, shapes, shapes,
+                _settings(natural_steps=0, basin={"weight": 1.0}), seed=0, device=CPU)
+    with pytest.raises(ConfigError, match="sophon.basin.loss: probe reads class labels"):
+        BasinTerm(tiny_unet(), DiffusionObjective("dos"), {**BASIN, "weight": 1.0}, seed=0)
+    assert variant_name(ProtectSettings(basin={"weight": 0.0})) == "paper"
+    assert variant_name(ProtectSettings(basin={"weight": 2.0, "reach": 0.5})) == (
+        "paper + basin probe readout ×2 on the line to the original weights (a < 0.5)")
+
+
+@pytest.mark.parametrize("experiment", ["quick-classification", "quick-generation"])
+def test_config_fills_and_checks_the_basin_section(tmp_path, project_dir, experiment):
+    params = yaml.safe_load(open(f"{project_dir}/params.yaml"))
+    section = params["experiments"][experiment]["sophon"]
+    loss = "probe" if experiment == "quick-classification" else "mmd"  # a diffusion batch has no labels to read
+    assert load_params(f"{project_dir}/params.yaml")["experiments"][experiment]["sophon"]["basin"] == {
+        "weight": 0.0, "reach": 0.5, "loss": loss}
+    path = tmp_path / "params.yaml"
+    for bad in ({"weight": 1.0, "reach": 0}, {"weight": 1.0, "reach": 2}, {"weight": 1.0, "far": 1}):
+        section["basin"] = bad
+        path.write_text(yaml.safe_dump(params))
+        with pytest.raises(ConfigError, match="basin"):
+            load_params(path)
