@@ -127,8 +127,8 @@ def in_short(e: dict, intactness: str, paper_rule: str) -> list[str]:
         b, a = e["budget"], e["advantage"]
         where = ("within the seeds' spread at every epoch" if e["holds"] else
                  f"beyond the seeds' spread at {len(e['violations'])} epochs ({_epochs(e['violations'])})")
-        line = (f"Against the strongest searched attacker ({b['trials']} configurations per start, seeds "
-                f"{', '.join(map(str, b['seeds']))}, {e['epochs']} epochs): protection "
+        line = (f"Against the strongest searched attacker ({b.get('trials', '?')} configurations per start, seeds "
+                f"{', '.join(map(str, b.get('seeds', [])))}, {e['epochs']} epochs): protection "
                 f"{'HOLDS' if e['holds'] else 'does NOT hold'}. The best attacker on Sophon gains at most "
                 f"{_signed(a['value'], higher)} {unit} over the best training from scratch (epoch {a['epoch']}), "
                 f"{where}.")
