@@ -92,6 +92,7 @@ SELECTIONS = ("last", "probe", "redteam")  # redteam: the probes are the red tea
 DEPTH = {"weight": 0.0, "stages": "all", "at": "released", "loss": "mmd"}
 DEPTH_AT = ("released", "adapted", "both")
 DEPTH_LOSSES = ("mmd", "probe")  # mmd: features towards noise (distribution); probe: no linear readout (information)
+DEPTH_LOSS_NAMES = {"mmd": "MMD", "probe": "probe readout"}  # in the variant name
 DEPTH_SEED = 7919  # the depth term's generator is seeded with seed + DEPTH_SEED: the loop's own draws stay as they were
 BASIN = {"weight": 0.0, "reach": 0.5, "loss": "probe"}
 BASIN_SEED = 104729  # the basin term's own generator (seed + DEPTH_SEED + BASIN_SEED): nothing else's draws move
@@ -237,11 +238,11 @@ def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None
     if depth["weight"] > 0:
         where = {"released": "", "adapted": " at adapted weights", "both": " at released and adapted weights"}
         stages = "" if depth["stages"] == "all" else f" on {depth['stages']} stages"
-        kind = {"mmd": "MMD", "probe": "probe readout"}.get(depth["loss"], depth["loss"])
+        kind = DEPTH_LOSS_NAMES.get(depth["loss"], depth["loss"])
         changes.append(f"depth {kind} ×{depth['weight']:g}{stages}{where.get(depth['at'], ' ' + str(depth['at']))}")
     basin = {**BASIN, **settings.basin}
     if basin["weight"] > 0:
-        kind = {"mmd": "MMD", "probe": "probe readout"}.get(basin["loss"], basin["loss"])
+        kind = DEPTH_LOSS_NAMES.get(basin["loss"], basin["loss"])
         changes.append(f"basin {kind} ×{basin['weight']:g} on the line to the original weights (a < {basin['reach']:g})")
     if suppress_timesteps is not None and list(suppress_timesteps) != [0, 1000]:  # 1,000: the DDPM's steps
         changes.append(f"suppression on t in [{suppress_timesteps[0]}, {suppress_timesteps[1]})")

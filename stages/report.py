@@ -36,8 +36,12 @@ def figure_paths(exp: dict) -> dict:
     return {key: out / f"{key}.png" for key in layout.REPORT_FIGURES[exp["task"]]}
 
 
-def write_common(exp: dict, summary: dict, document, images: dict, csvs: dict[str, str], tracked) -> None:
+def write_common(exp: dict, summary: dict, document, images: dict, csvs: dict[str, str], tracked,
+                 short: list[str]) -> None:
+    """Open the document with "In short" (`short`, the variant and any imported original first), then write the
+    summary, the curves, both renderings and log them."""
     out = layout.report_dir(exp["name"])
+    document.sections.insert(0, Section("In short", [Bullets(short)]))
     # Which protect variant made the released model (its card says; `paper` is the paper's Sophon).
     card = read_card(layout.model_dir(exp["name"], "sophon"))
     summary["sophon_variant"] = {"name": card.get("variant", "paper"), "selected_loop": card.get("selected_loop")}
@@ -119,9 +123,8 @@ def classification_report(exp: dict, device) -> tuple[dict, list[str]]:
         document = build_document(summary, exp["report"]["epochs"], images)
         document.sections.insert(1, search_section)
         short = search_report.in_short(summary["envelope"], intactness_line(summary), paper_rule_line(summary))
-        document.sections.insert(0, Section("In short", [Bullets(short)]))
         write_common(exp, summary, document, images,
-                     {name: accuracy_csv(entry) for name, entry in summary["attacks"].items()}, tracked)
+                     {name: accuracy_csv(entry) for name, entry in summary["attacks"].items()}, tracked, short)
         tracked.log_metrics({**headline_metrics(summary), "envelope_holds": int(summary["envelope"].get("holds", 0))})
     first = next(iter(exp["attacks"]))
     return summary, [*short, "", render_text(attack_table(summary, first, exp["report"]["epochs"])), "",
@@ -192,9 +195,8 @@ def diffusion_report(exp: dict, device) -> tuple[dict, list[str]]:
         document.sections.insert(1, search_section)
         short = search_report.in_short(summary["envelope"], gen_report.intactness_line(summary),
                                        gen_report.paper_rule_line(summary))
-        document.sections.insert(0, Section("In short", [Bullets(short)]))
         write_common(exp, summary, document, images,
-                     {a: gen_report.curve_csv(entry) for a, entry in summary["attacks"].items()}, tracked)
+                     {a: gen_report.curve_csv(entry) for a, entry in summary["attacks"].items()}, tracked, short)
         v = summary["verdicts"]
         tracked.log_metrics({"protection_holds": int(v["protection_holds"]),
                              "intactness_holds": int(v["intactness_within_tolerance"]),

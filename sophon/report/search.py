@@ -81,6 +81,15 @@ def summarize(docs: dict[str, dict], search: dict, redteam: dict[str, dict] | No
     return result
 
 
+REMOVED_EPOCHS = (1, 2, 5, 20, 50)  # the epochs whose share of the head start removed the report names
+
+
+def removed_shares(e: dict) -> list[tuple[int, float]]:
+    """(epoch, share removed) at REMOVED_EPOCHS, where the head start is beyond the spread."""
+    removed = e.get("removed") or []
+    return [(x, removed[x]) for x in REMOVED_EPOCHS if x < len(removed) and removed[x] is not None]
+
+
 def head_start_line(e: dict) -> str:
     """Whether there was something to protect, in words."""
     if "head_start" not in e:
@@ -95,12 +104,10 @@ def head_start_line(e: dict) -> str:
     line = (f"Head start: the original model gives the attacker up to {h['value']:+.4g} {unit} over training from scratch "
             f"(epoch {h['epoch']}), beyond the seeds' spread at {len(epochs)} epochs ({_epochs(epochs)}): there is "
             f"something to protect.")
-    removed = e.get("removed")
-    if removed:
-        shown = [x for x in (1, 2, 5, 20, 50) if x < len(removed) and removed[x] is not None]
-        if shown:
-            line += (" Share of it Sophon removes (1 = all, as hard as scratch; 0 = none): "
-                     + ", ".join(f"epoch {x}: {removed[x]:.0%}" for x in shown) + ".")
+    shown = removed_shares(e)
+    if shown:
+        line += (" Share of it Sophon removes (1 = all, as hard as scratch; 0 = none): "
+                 + ", ".join(f"epoch {x}: {share:.0%}" for x, share in shown) + ".")
     return line
 
 
@@ -132,11 +139,10 @@ def in_short(e: dict, intactness: str, paper_rule: str) -> list[str]:
                 f"{'HOLDS' if e['holds'] else 'does NOT hold'}. The best attacker on Sophon gains at most "
                 f"{_signed(a['value'], higher)} {unit} over the best training from scratch (epoch {a['epoch']}), "
                 f"{where}.")
-        removed = e.get("removed") or []
-        shown = [x for x in (1, 2, 5, 20, 50) if x < len(removed) and removed[x] is not None]
+        shown = removed_shares(e)
         if h is not None and h["something_to_protect"] and shown:
             line += (" Share of the head start removed: "
-                     + ", ".join(f"{removed[x]:.0%} at epoch {x}" for x in shown) + " (100%: as hard as scratch).")
+                     + ", ".join(f"{share:.0%} at epoch {x}" for x, share in shown) + " (100%: as hard as scratch).")
         if e["holds"]:
             line += (" It judges this release, from one protect run: another protect seed releases another model, "
                      "which may not hold (README: the ablation by protect seed).")
