@@ -207,6 +207,10 @@ def check_search(search: dict, task: str, key: str, source: str) -> None:
     if late:
         raise ConfigError(f"{source}: key '{key}.candidate_epochs' = {late[0]}: beyond coarse_epochs "
                           f"({search['coarse_epochs']})")
+    shared = sorted(set(search.get("retest_seeds", [])) & set(search["seeds"]))
+    if shared:
+        raise ConfigError(f"{source}: key '{key}.retest_seeds' = {shared[0]}: also in {key}.seeds, which pick the "
+                          f"configurations; a retest seed must take no part in the pick")
 
 
 def check_redteam(redteam: dict, task: str, starts: list[str], key: str, source: str) -> None:

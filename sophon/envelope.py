@@ -80,22 +80,10 @@ def envelope(runs: Mapping[str, Sequence[Sequence[float]]], higher_is_better: bo
     """
     if not runs:
         raise EnvelopeInputError("envelope of no configurations")
-    names, means, stds, horizons = [], [], [], []
-    for name, seeds in runs.items():
-        if keep_best:
-            seeds = [best_so_far(curve, higher_is_better) for curve in seeds]
-        lengths = {len(curve) for curve in seeds}
-        if len(lengths) > 1:
-            raise EnvelopeInputError(f"configuration {name!r}: its seed curves differ in length ({sorted(lengths)})")
-        curves = np.asarray(seeds, dtype=float)
-        if curves.ndim != 2 or curves.shape[0] == 0 or curves.shape[1] == 0:
-            raise EnvelopeInputError(f"configuration {name!r}: expected a non-empty list of equal-length seed curves")
-        names.append(name)
-        horizons.append(curves.shape[1])
-        means.append(curves.mean(axis=0))
-        stds.append(curves.std(axis=0))  # ddof=0: population std, 0.0 for one seed
+    names = list(runs)
+    means, stds = zip(*(_seed_stats(name, runs[name], higher_is_better, keep_best) for name in names))
     if keep_best:  # a budget: the shorter configurations stop at their horizon and keep their best
-        longest = max(horizons)
+        longest = max(len(m) for m in means)
         means = [np.pad(m, (0, longest - len(m)), mode="edge") for m in means]
         stds = [np.pad(d, (0, longest - len(d)), mode="edge") for d in stds]
     out = {"mean": [], "std": [], "config": []}
@@ -105,6 +93,40 @@ def envelope(runs: Mapping[str, Sequence[Sequence[float]]], higher_is_better: bo
         out["mean"].append(float(means[i][e]))
         out["std"].append(float(stds[i][e]))
         out["config"].append(names[i])
+    return out
+
+
+def _seed_stats(name: str, seeds: Sequence[Sequence[float]], higher_is_better: bool,
+                keep_best: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One configuration's seed-mean and population std (0.0 for one seed) per epoch."""
+    if keep_best:
+        seeds = [best_so_far(curve, higher_is_better) for curve in seeds]
+    lengths = {len(curve) for curve in seeds}
+    if len(lengths) > 1:
+        raise EnvelopeInputError(f"configuration {name!r}: its seed curves differ in length ({sorted(lengths)})")
+    curves = np.asarray(seeds, dtype=float)
+    if curves.ndim != 2 or curves.shape[0] == 0 or curves.shape[1] == 0:
+        raise EnvelopeInputError(f"configuration {name!r}: expected a non-empty list of equal-length seed curves")
+    return curves.mean(axis=0), curves.std(axis=0)
+
+
+def retest(chosen: Mapping, runs: Mapping[str, Sequence[Sequence[float]]], higher_is_better: bool) -> dict:
+    """The envelope's choice measured again on seeds that did not choose it.
+
+    An envelope picks, at each epoch, the configuration whose seed-mean is best there: the maximum of many noisy
+    means, biased up by the choice (the winner's curse), and more so for a start whose runs vary more. Here each
+    epoch keeps the configuration `chosen` (an `envelope(..., keep_best=True)`) picked, and takes its mean ± std over
+    `runs[config]`: its seed curves at other seeds (best checkpoint so far, a shorter horizon keeping its final best
+    beyond it). Same shape as `envelope`."""
+    missing = sorted(set(chosen["config"]) - set(runs))
+    if missing:
+        raise EnvelopeInputError(f"retest: no runs of the chosen configuration(s) {missing}")
+    stats = {name: _seed_stats(name, runs[name], higher_is_better, True) for name in set(chosen["config"])}
+    out = {"mean": [], "std": [], "config": list(chosen["config"])}
+    for e, name in enumerate(chosen["config"]):
+        mean, std = stats[name]
+        out["mean"].append(float(mean[min(e, len(mean) - 1)]))
+        out["std"].append(float(std[min(e, len(std) - 1)]))
     return out
 
 

@@ -13,6 +13,8 @@ Every start (scratch, original, NTL, Sophon) gets the same budget and picks its 
      per-epoch candidates for the coarse horizon they won at (the same schedule), so an attack that wins at epochs
      1–3 is measured over seeds where it wins. The envelope (sophon.envelope) takes, at each epoch, the best
      confirmed configuration whose runs reach that epoch.
+  4. retest (with `retest_seeds`): each configuration the envelope picks at some epoch, run again at seeds that
+     took no part in picking it, so the verdict can judge the pick without the winner's curse (envelope.retest).
 
 Sampling: strata (strategy × optimiser; optimiser alone from scratch, where no strategy applies) take turns, so
 every stratum gets trials in every start; within a trial Optuna's TPE sampler (seeded, one process, sequential:
@@ -37,7 +39,7 @@ from typing import Callable
 import torch
 
 from sophon.attacks import AttackSettings, finetune
-from sophon.envelope import best_so_far, oriented, score
+from sophon.envelope import best_so_far, envelope, oriented, score
 from sophon.io import code_digest, read_json, write_json
 
 SCRATCH = "scratch"
@@ -378,5 +380,14 @@ def run_search(build: Callable[[], torch.nn.Module], objective, adversary, test,
             "config": asdict(trial), "horizon": horizon, "chosen_for": why, "coarse_score": record["score"],
             "steps_per_epoch": steps_per_epoch(len(adversary), trial.batch_size), "seeds": list(cfg["seeds"]),
             "curves": [one(trial, seed, horizon, "confirm")["curve"] for seed in cfg["seeds"]]}
-    return {"start": start, "higher_is_better": higher, "coarse_epochs": cfg["coarse_epochs"],
-            "epochs": cfg["epochs"], "tried": len(coarse), "coarse": coarse, "confirmed": confirmed}
+    document = {"start": start, "higher_is_better": higher, "coarse_epochs": cfg["coarse_epochs"],
+                "epochs": cfg["epochs"], "tried": len(coarse), "coarse": coarse, "confirmed": confirmed}
+    if cfg.get("retest_seeds"):
+        # The envelope's pick at each epoch, run again at seeds that took no part in picking it (envelope.retest).
+        chosen = envelope({name: entry["curves"] for name, entry in confirmed.items()}, higher, keep_best=True)
+        runs = {}
+        for name in dict.fromkeys(chosen["config"]):
+            trial, horizon = Trial(**confirmed[name]["config"]), confirmed[name]["horizon"]
+            runs[name] = [one(trial, seed, horizon, "retest")["curve"] for seed in cfg["retest_seeds"]]
+        document["retest"] = {"seeds": list(cfg["retest_seeds"]), "runs": runs}
+    return document

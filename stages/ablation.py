@@ -51,6 +51,13 @@ def judged(exp: dict, sophon_doc: dict, scratch: dict, original: dict | None = N
               "max_gain_epoch": e["advantage"]["epoch"], "holds_last_checkpoint": e["last_checkpoint"]["holds"],
               "gain_at": {str(k): gains[k] for k in AT_EPOCHS if k < len(gains)}, "cost_ratio": e["cost_ratio"],
               "best_config": e["starts"]["sophon"]["best"]}
+    r = e.get("retest")
+    if r and "advantage" in r:  # the same verdict at the search's held-out seeds (the report's claim)
+        gains, shares = r["advantage"]["per_epoch"], r.get("removed") or []
+        result["retest"] = {"seeds": r["seeds"], "holds": r["holds"], "violations": r["violations"],
+                            "max_gain": r["advantage"]["value"], "max_gain_epoch": r["advantage"]["epoch"],
+                            "gain_at": {str(k): gains[k] for k in AT_EPOCHS if k < len(gains)},
+                            "removed_at": {str(k): shares[k] for k in AT_EPOCHS if k < len(shares)}}
     if redteam:
         checks = e["redteam"]["sophon"]
         result["redteam"] = {"attacks": len(checks),
@@ -182,6 +189,8 @@ def table(exp: dict) -> None:
     for r in rows:
         at, removed = r["gain_at"], r.get("removed_at", {})
         holds = "yes" if r["holds"] else f"no ({len(r['violations'])})"
+        if r.get("retest"):
+            holds += f"; at held-out seeds {'yes' if r['retest']['holds'] else 'no (%d)' % len(r['retest']['violations'])}"
         lines.append(f"| {r['variant']} | {r['name']} | {holds} | "
                      f"{'yes' if r['holds_last_checkpoint'] else 'no'} | "
                      + "".join(f"{at[str(k)]:+.4g} | " if str(k) in at else "– | " for k in AT_EPOCHS)

@@ -125,10 +125,10 @@ def classification_report(exp: dict, device) -> tuple[dict, list[str]]:
         short = search_report.in_short(summary["envelope"], intactness_line(summary), paper_rule_line(summary))
         write_common(exp, summary, document, images,
                      {name: accuracy_csv(entry) for name, entry in summary["attacks"].items()}, tracked, short)
-        tracked.log_metrics({**headline_metrics(summary), "envelope_holds": int(summary["envelope"].get("holds", 0))})
+        tracked.log_metrics({**headline_metrics(summary), **search_report.holds_metrics(summary["envelope"])})
     first = next(iter(exp["attacks"]))
     return summary, [*short, "", render_text(attack_table(summary, first, exp["report"]["epochs"])), "",
-                     *verdict_lines(summary), search_report.verdict_line(summary["envelope"])]
+                     *verdict_lines(summary), *search_report.verdict_lines(summary["envelope"])]
 
 
 # --- diffusion -----------------------------------------------------------------------------------------------
@@ -202,11 +202,11 @@ def diffusion_report(exp: dict, device) -> tuple[dict, list[str]]:
                              "intactness_holds": int(v["intactness_within_tolerance"]),
                              "sophon_at_or_above_scratch": int(v["sophon_at_or_above_scratch_every_epoch"]),
                              "pretraining_advantage": int(v["pretraining_advantage"]),
-                             "envelope_holds": int(summary["envelope"].get("holds", 0))})
+                             **search_report.holds_metrics(summary["envelope"])})
     lines = [*short, ""]
     for attack in summary["attacks"]:
         lines += [render_text(gen_report.attack_table(summary, attack, exp["report"]["epochs"])), ""]
-    return summary, [*lines, *gen_report.verdict_lines(summary), search_report.verdict_line(summary["envelope"])]
+    return summary, [*lines, *gen_report.verdict_lines(summary), *search_report.verdict_lines(summary["envelope"])]
 
 
 def main() -> None:

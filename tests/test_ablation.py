@@ -48,3 +48,17 @@ def test_a_variant_is_judged_against_the_red_team_too(exp):
     covered = judged(exp, docs["sophon"], docs["scratch"], docs["original"], weak)
     assert covered["redteam"]["uncovered"] == [] and redteam_cell(covered["redteam"]) == "none / none (of 1)"
     assert covered["worst_removed_at"] == {k: v for k, v in alone["removed_at"].items()}
+
+
+def test_a_variant_is_judged_at_the_retest_seeds_too(exp):
+    # Sophon's pick retests at 61/71/81 (seed means) where it was picked at 21/31/41: beyond scratch's 51/61/71.
+    again = {**SEARCH, "sophon": [10, 60, 70, 80]}
+    docs = {}
+    for start in ("scratch", "original", "sophon"):
+        docs[start] = _search_doc(start, SEARCH[start])
+        docs[start]["retest"] = {"seeds": [3, 4], "runs": {"cfg-a": [[v + k * 2 for v in again[start]]
+                                                                     for k in (0, 1)]}}
+    result = judged(exp, docs["sophon"], docs["scratch"], docs["original"])
+    assert result["holds"] and result["retest"]["holds"] is False and result["retest"]["violations"] == [1, 2, 3]
+    assert result["retest"]["seeds"] == [3, 4] and result["retest"]["gain_at"]["1"] == pytest.approx(10.0)
+    assert result["retest"]["removed_at"]["1"] == pytest.approx((71 - 61) / 20)

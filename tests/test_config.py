@@ -72,6 +72,8 @@ def test_shipped_profiles_validate_and_fill_defaults():
     (lambda c: C(c)["search"]["space"]["lrs"]["adam"].update(count=0), f"key '{CLS}.search.space.lrs.adam.count' = 0"),
     (lambda c: C(c)["search"]["space"]["batch_sizes"].append(0), f"key '{CLS}.search.space.batch_sizes.4' = 0"),
     (lambda c: C(c)["search"].update(candidate_epochs=[1, 40]), f"key '{CLS}.search.candidate_epochs' = 40: beyond"),
+    (lambda c: C(c)["search"].update(retest_seeds=[5, 2]), f"key '{CLS}.search.retest_seeds' = 2: also in"),
+    (lambda c: G(c)["search"].update(retest_seeds=[-1]), f"key '{GEN}.search.retest_seeds.0' = -1"),
     (lambda c: C(c)["search"]["space"].update(preparations=["melt"]), f"key '{CLS}.search.space.preparations.0' = melt"),
     (lambda c: C(c)["redteam"]["attacks"]["reinit3_adam"].update(strategy="reinit+all"),
      f"key '{CLS}.redteam.attacks.reinit3_adam.strategy' = reinit+all"),

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from sophon.envelope import (EnvelopeInputError, advantage, best_so_far, cost_ratio, covers, default_target, envelope,
-                             head_start, holds, removed,
+                             head_start, holds, removed, retest,
                              score, slice_table, steps_to_reach)
 
 
@@ -78,6 +78,25 @@ def test_envelope_keep_best_is_a_budget_a_short_horizon_holds_its_best_beyond_it
     assert kept["mean"] == pytest.approx([10, 55, 90, 90, 90]) and kept["std"] == pytest.approx([0, 5, 2, 2, 2])
     # Read by last checkpoint only the configurations that ran that long compete.
     assert envelope(runs, True)["config"][3:] == ["long", "long"]
+
+
+def test_retest_keeps_each_epochs_pick_and_reads_it_at_the_other_seeds():
+    # On the picking seeds "lucky" wins epochs 1-2 by a hair (50 against 48); at other seeds it reaches 30 and
+    # 40, and "steady" is not read at all where it was not picked. A short horizon holds its final best beyond it.
+    runs = {"steady": [[10, 48, 60, 70], [10, 48, 60, 70]], "lucky": [[10, 50, 52], [10, 50, 52]]}
+    chosen = envelope(runs, True, keep_best=True)
+    assert chosen["config"] == ["steady", "lucky", "steady", "steady"]
+    again = {"steady": [[10, 45, 58, 66], [10, 47, 62, 60]], "lucky": [[10, 30, 20], [10, 40, 44]]}
+    out = retest(chosen, again, True)
+    assert out["config"] == chosen["config"]
+    # epoch 1: lucky's 30 and 40; epoch 2: steady's 58 and 62; epoch 3: steady's best so far, 66 and 62.
+    assert out["mean"] == pytest.approx([10, 35, 60, 64]) and out["std"] == pytest.approx([0, 5, 2, 2])
+    # Beyond a pick's horizon its final best is kept; lower is better for MSE.
+    late = retest({"config": ["lucky"] * 5}, again, True)
+    assert late["mean"] == pytest.approx([10, 35, 37, 37, 37])  # best so far: 30, 30 and 40, 44
+    assert retest({"config": ["a", "a"]}, {"a": [[0.9, 0.5], [0.7, 0.8]]}, False)["mean"] == pytest.approx([0.8, 0.6])
+    with pytest.raises(EnvelopeInputError, match="lucky"):
+        retest(chosen, {"steady": again["steady"]}, True)
 
 
 def test_envelope_never_prefers_nan_and_rejects_ragged_seeds():

@@ -200,6 +200,37 @@ def test_stage_writes_every_output(project, monkeypatch, capsys):
     assert "does NOT cover 1 red-team attack(s): strong (Sophon model)" in md
 
 
+def test_the_retest_at_held_out_seeds_is_the_claim(project, monkeypatch, capsys):
+    # At held-out seeds Sophon's pick (cfg-a at every epoch) reaches 61 at epoch 1 where it had 21 on the picking
+    # seeds: the envelope held only by the picking seeds' luck. The others' picks retest as they were picked.
+    again = {**SEARCH, "sophon": [10, 60, 70, 80]}
+    for start, base in SEARCH.items():
+        doc = _search_doc(start, base)
+        doc["retest"] = {"seeds": [3, 4], "runs": {"cfg-a": [[v + k * SPREAD for v in again[start]] for k in (0, 1)]}}
+        write_json(layout.search_result(EXP, start), doc)
+    out = _run_stage(monkeypatch, capsys)
+    envelope = json.loads((layout.report_dir(EXP) / "summary.json").read_text())["envelope"]
+    r = envelope["retest"]
+    assert envelope["holds"] is True and r["holds"] is False and r["violations"] == [1, 2, 3]
+    assert r["seeds"] == [3, 4] and r["starts"]["sophon"]["mean"] == pytest.approx([11, 61, 71, 81])
+    assert r["advantage"]["per_epoch"] == pytest.approx([0, 10, 10, 10])
+    assert r["removed"][1] == pytest.approx((71 - 61) / (71 - 51))
+    # The red-team attack (61 at epoch 1) is within the retested envelope's spread, not within the picked one's.
+    assert r["redteam"]["sophon"]["strong"]["vs_envelope"]["covered"]
+    assert not envelope["redteam"]["sophon"]["strong"]["vs_envelope"]["covered"]
+    md = (layout.report_dir(EXP) / "report.md").read_text()
+    short = md.split("## In short")[1].split("\n## ")[0]
+    assert ("(2 configurations per start, each epoch's pick at seeds 0, 1 measured at held-out seeds 3, 4, 3 epochs): "
+            "protection does NOT hold") in short
+    assert "On the seeds that picked the attackers (0, 1; " in short and "protection holds, largest gain +0.0" in short
+    assert "Red team (1 fixed attacks, 1 held out of every tuning): all covered by the search's envelope" in short
+    assert "measured at the held-out seeds 3, 4, which took no part in picking the attackers" in short
+    assert "Retest at held-out seeds 3, 4" in out and "Protection does NOT hold there" in out
+    assert "(the retest's, at held-out seeds 3, 4)" in md
+    from sophon.report.search import holds_metrics
+    assert holds_metrics(envelope) == {"envelope_holds": 0, "envelope_holds_picking_seeds": 1}
+
+
 def test_in_short_says_when_there_is_nothing_to_protect_and_reads_mse_the_right_way():
     from sophon.report.search import in_short
 

@@ -276,3 +276,28 @@ def test_run_cache_key_follows_the_objective_settings(tmp_path, monkeypatch):
     fewer = run_cache({**exp, "eval": {"seed": 0, "repeats": 4}}, "scratch", object())
     assert fewer.key(settings, 0, from_scratch=True) != key
     assert run_cache(dict(exp), "scratch", object()).key(settings, 0, from_scratch=True) == key
+
+
+def test_retest_reruns_each_pick_at_its_horizon_at_the_held_out_seeds(tmp_path):
+    train, test = _toy()
+    space = {"strategies": ["direct+all"], "optimizers": ["sgd"], "lrs": {"sgd": {"low": 1e-6, "high": 0.3, "count": 2}},
+             "batch_sizes": [16], "schedules": ["constant"], "weight_decays": [0.0]}
+    cfg = {"space": space, "trials": 0, "coarse_epochs": 3, "coarse_seed": 0, "confirm_top": 1, "epochs": 4,
+           "candidate_epochs": [1], "halving": {"pruner": "successive_halving", "min_epochs": 1, "reduction": 2},
+           "seeds": [0, 1], "lora_rank": 2, "retest_seeds": [7, 8, 9]}
+    objective = ClassificationObjective(device=torch.device("cpu"))
+    seen = []
+    doc = run_search(Tiny, objective, train, test, cfg, start="scratch", device=torch.device("cpu"),
+                     cache=RunCache(tmp_path, {"toy": 1}), on_run=seen.append)
+    from sophon.envelope import envelope
+    chosen = envelope({n: c["curves"] for n, c in doc["confirmed"].items()}, True, keep_best=True)["config"]
+    runs = doc["retest"]["runs"]
+    assert doc["retest"]["seeds"] == [7, 8, 9] and list(runs) == list(dict.fromkeys(chosen))
+    for name, curves in runs.items():  # every pick at every retest seed, to its own horizon
+        assert len(curves) == 3 and all(len(c) == doc["confirmed"][name]["horizon"] + 1 for c in curves)
+    retests = [r for r in seen if r["phase"] == "retest"]
+    assert [r["seed"] for r in retests] == [7, 8, 9] * len(runs) and not any(r["cached"] for r in retests)
+    # Without retest seeds the document has no retest and runs nothing more.
+    plain = run_search(Tiny, objective, train, test, {**cfg, "retest_seeds": []}, start="scratch",
+                       device=torch.device("cpu"), cache=RunCache(tmp_path, {"toy": 1}))
+    assert "retest" not in plain and plain["confirmed"] == doc["confirmed"]

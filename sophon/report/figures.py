@@ -104,7 +104,7 @@ def sweep(sweep_summary: dict, path) -> None:
 
 def envelopes(envelope_doc: dict, path, *, ylabel: str, title: str, early: int = 10) -> None:
     """The attacker's envelope per start: best configuration's mean vs fine-tuning epoch, ± std band over seeds; the
-    red-team suite dashed. Left: every epoch; right: the first `early` epochs, where the starts differ most."""
+    picks' retest at held-out seeds dotted, the red-team suite dashed. Left: every epoch; right: the first `early` epochs, where the starts differ most."""
     starts = envelope_doc["starts"]
     order = [s for s in STARTS if s in starts] + [s for s in starts if s not in STARTS]
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
@@ -116,6 +116,11 @@ def envelopes(envelope_doc: dict, path, *, ylabel: str, title: str, early: int =
             epochs = np.arange(len(mean))
             ax.plot(epochs, mean, color=COLORS.get(start), label=LABELS.get(start, start), lw=1.6)
             ax.fill_between(epochs, mean - std, mean + std, color=ax.lines[-1].get_color(), alpha=0.18, lw=0)
+        retest = envelope_doc.get("retest") or {}
+        for start in [s for s in order if s in retest.get("starts", {})]:  # the picks at held-out seeds, dotted
+            mean = retest["starts"][start]["mean"]
+            ax.plot(np.arange(len(mean)), mean, ls=":", lw=1.4, color=COLORS.get(start),
+                    label=f"{LABELS.get(start, start)}, retest at seeds {', '.join(map(str, retest['seeds'] or []))}")
         for start, attacks in envelope_doc.get("redteam", {}).items():  # the red-team suite, dashed, for comparison
             for name, attack in attacks.items():
                 mean = attack["vs_envelope"]["mean"]
