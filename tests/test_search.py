@@ -278,7 +278,7 @@ def test_run_cache_key_follows_the_objective_settings(tmp_path, monkeypatch):
     assert run_cache(dict(exp), "scratch", object()).key(settings, 0, from_scratch=True) == key
 
 
-def test_retest_reruns_each_pick_at_its_horizon_at_the_held_out_seeds(tmp_path):
+def test_retest_reruns_each_pick_at_its_horizon_at_the_held_out_seeds(tmp_path, monkeypatch):
     train, test = _toy()
     space = {"strategies": ["direct+all"], "optimizers": ["sgd"], "lrs": {"sgd": {"low": 1e-6, "high": 0.3, "count": 2}},
              "batch_sizes": [16], "schedules": ["constant"], "weight_decays": [0.0]}
@@ -293,10 +293,25 @@ def test_retest_reruns_each_pick_at_its_horizon_at_the_held_out_seeds(tmp_path):
     chosen = envelope({n: c["curves"] for n, c in doc["confirmed"].items()}, True, keep_best=True)["config"]
     runs = doc["retest"]["runs"]
     assert doc["retest"]["seeds"] == [7, 8, 9] and list(runs) == list(dict.fromkeys(chosen))
-    for name, curves in runs.items():  # every pick at every retest seed, to its own horizon
-        assert len(curves) == 3 and all(len(c) == doc["confirmed"][name]["horizon"] + 1 for c in curves)
+    for name, curves in runs.items():  # every pick at every retest seed, on its horizon's schedule up to its last pick
+        horizon = doc["confirmed"][name]["horizon"]
+        last = max(1, min(horizon, max(e for e, n in enumerate(chosen) if n == name)))
+        assert len(curves) == 3 and all(len(c) == last + 1 for c in curves)
+        for seed, curve in zip((7, 8, 9), curves):  # the exact prefix of the full run at that seed
+            full, _ = cached_finetune(RunCache(tmp_path / "full", {"toy": 1}), Tiny,
+                                      Trial(**doc["confirmed"][name]["config"]).settings(horizon, 2), seed,
+                                      from_scratch=True, objective=objective, adversary=train, test=test,
+                                      device=torch.device("cpu"))
+            assert curve == full["curve"][:last + 1]
     retests = [r for r in seen if r["phase"] == "retest"]
     assert [r["seed"] for r in retests] == [7, 8, 9] * len(runs) and not any(r["cached"] for r in retests)
+    # A pick whose last epoch comes before its horizon stops there; one picked beyond its horizon runs all of it.
+    long, short = f"{Trial('scratch', 'sgd', 0.3, 16).name} | 4 ep", f"{Trial('scratch', 'sgd', 0.3, 16).name} | 3 ep"
+    import sophon.search as search_module
+    monkeypatch.setattr(search_module, "envelope", lambda *a, **k: {"config": [long, long, long, short, short]})
+    planted = run_search(Tiny, objective, train, test, cfg, start="scratch", device=torch.device("cpu"),
+                         cache=RunCache(tmp_path / "planted", {"toy": 1}))["retest"]["runs"]
+    assert [len(c) for c in planted[long]] == [3, 3, 3] and [len(c) for c in planted[short]] == [4, 4, 4]
     # Without retest seeds the document has no retest and runs nothing more.
     plain = run_search(Tiny, objective, train, test, {**cfg, "retest_seeds": []}, start="scratch",
                        device=torch.device("cpu"), cache=RunCache(tmp_path, {"toy": 1}))
