@@ -226,6 +226,7 @@ def test_the_retest_at_held_out_seeds_is_the_claim(project, monkeypatch, capsys)
     assert "Red team (1 fixed attacks, 1 held out of every tuning): all covered by the search's envelope" in short
     assert "measured at the held-out seeds 3, 4, which took no part in picking the attackers" in short
     assert "Retest at held-out seeds 3, 4" in out and "Protection does NOT hold there" in out
+    assert "Envelope verdict on the picking seeds (0, 1; the claim is the retest's): protection HOLDS" in out
     assert "(the retest's, at held-out seeds 3, 4)" in md
     from sophon.report.search import holds_metrics
     assert holds_metrics(envelope) == {"envelope_holds": 0, "envelope_holds_picking_seeds": 1}

@@ -104,7 +104,8 @@ def sweep(sweep_summary: dict, path) -> None:
 
 def envelopes(envelope_doc: dict, path, *, ylabel: str, title: str, early: int = 10) -> None:
     """The attacker's envelope per start: best configuration's mean vs fine-tuning epoch, ± std band over seeds; the
-    picks' retest at held-out seeds dotted, the red-team suite dashed. Left: every epoch; right: the first `early` epochs, where the starts differ most."""
+    picks' retest at held-out seeds dotted, the red-team suite dashed. Left: every epoch; right: the first `early`
+    epochs, where the starts differ most."""
     starts = envelope_doc["starts"]
     order = [s for s in STARTS if s in starts] + [s for s in starts if s not in STARTS]
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})

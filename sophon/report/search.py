@@ -214,15 +214,17 @@ def verdict_line(e: dict) -> str:
     if "advantage" not in e:
         return "Envelope verdict: not available (the search needs both the scratch and the Sophon start)."
     a, unit = e["advantage"], "points" if e["higher_is_better"] else "MSE"
+    label = ("Envelope verdict" if not e.get("retest") else
+             f"Envelope verdict on the picking seeds ({_seeds(e['budget'].get('seeds', []))}; the claim is the retest's)")
     ratio = ("no ratio: Sophon or scratch never reaches it" if e["cost_ratio"] is None
              else f"Sophon needs {e['cost_ratio']:.2f}× the attacker steps of scratch")
     target = f"{e['cost_target']:.1f}%" if e["higher_is_better"] else f"MSE {e['cost_target']:.4f}"
     if e["holds"]:
-        line = (f"Envelope verdict: protection HOLDS against the strongest searched attacker over {e['epochs']} epochs: "
+        line = (f"{label}: protection HOLDS against the strongest searched attacker over {e['epochs']} epochs: "
                 f"at no epoch does fine-tuning Sophon beat training from scratch by more than the seeds' spread "
                 f"(largest gain {a['value']:+.4g} {unit} at epoch {a['epoch']}). Cost to reach {target}: {ratio}.")
     else:
-        line = (f"Envelope verdict: protection does NOT hold against the strongest searched attacker: fine-tuning "
+        line = (f"{label}: protection does NOT hold against the strongest searched attacker: fine-tuning "
                 f"Sophon beats training from scratch beyond the seeds' spread at epochs {_epochs(e['violations'])} "
                 f"(largest gain {a['value']:+.4g} {unit} at epoch {a['epoch']}). Cost to reach {target}: {ratio}.")
     if e.get("holds") and e.get("something_to_protect") is False:
