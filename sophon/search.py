@@ -386,12 +386,13 @@ def run_search(build: Callable[[], torch.nn.Module], objective, adversary, test,
     if cfg.get("retest_seeds"):
         # The envelope's pick at each epoch, run again at seeds that took no part in picking it (envelope.retest).
         chosen = envelope({name: entry["curves"] for name, entry in confirmed.items()}, higher, keep_best=True)
+        last_picked = {name: epoch for epoch, name in enumerate(chosen["config"])}  # in order of first pick
         runs = {}
-        for name in dict.fromkeys(chosen["config"]):
+        for name, picked in last_picked.items():
             trial, horizon = Trial(**confirmed[name]["config"]), confirmed[name]["horizon"]
             # Each pick runs its own horizon's schedule, stopped after the last epoch it is picked at (beyond its
             # horizon it holds its final best): the curve is that run's exact prefix, at ~60 % of the cost.
-            last = max(1, min(horizon, max(e for e, n in enumerate(chosen["config"]) if n == name)))
+            last = max(1, min(horizon, picked))
             runs[name] = [one(trial, seed, horizon, "retest", lambda epoch, _value, last=last: epoch < last)["curve"]
                           for seed in cfg["retest_seeds"]]
         document["retest"] = {"seeds": list(cfg["retest_seeds"]), "runs": runs}

@@ -31,6 +31,11 @@ from stages.redteam import run_suite
 AT_EPOCHS = (1, 2, 3, 4, 5, 20, 50)  # the table's epochs: diffusion's goal is on every epoch 1-5
 
 
+def at_epochs(values: list) -> dict:
+    """The values at the table's epochs (AT_EPOCHS) that the list reaches, keyed by the epoch as a string."""
+    return {str(k): values[k] for k in AT_EPOCHS if k < len(values)}
+
+
 def quality_name(task) -> str:
     """The key of the original-domain quality on checkpoint cards: accuracy or MSE."""
     return "accuracy" if task.metric.endswith("accuracy") else "mse"
@@ -47,17 +52,16 @@ def judged(exp: dict, sophon_doc: dict, scratch: dict, original: dict | None = N
     e = summarize(docs, exp["search"], {"sophon": {"attacks": redteam}} if redteam else None)
     gains, removed = e["advantage"]["per_epoch"], e.get("removed") or []
     result = {"holds": e["holds"], "violations": e["violations"], "max_gain": e["advantage"]["value"],
-              "removed_at": {str(k): removed[k] for k in AT_EPOCHS if k < len(removed)},
+              "removed_at": at_epochs(removed),
               "max_gain_epoch": e["advantage"]["epoch"], "holds_last_checkpoint": e["last_checkpoint"]["holds"],
-              "gain_at": {str(k): gains[k] for k in AT_EPOCHS if k < len(gains)}, "cost_ratio": e["cost_ratio"],
+              "gain_at": at_epochs(gains), "cost_ratio": e["cost_ratio"],
               "best_config": e["starts"]["sophon"]["best"]}
     r = e.get("retest")
     if r and "advantage" in r:  # the same verdict at the search's held-out seeds (the report's claim)
-        gains, shares = r["advantage"]["per_epoch"], r.get("removed") or []
         result["retest"] = {"seeds": r["seeds"], "holds": r["holds"], "violations": r["violations"],
                             "max_gain": r["advantage"]["value"], "max_gain_epoch": r["advantage"]["epoch"],
-                            "gain_at": {str(k): gains[k] for k in AT_EPOCHS if k < len(gains)},
-                            "removed_at": {str(k): shares[k] for k in AT_EPOCHS if k < len(shares)}}
+                            "gain_at": at_epochs(r["advantage"]["per_epoch"]),
+                            "removed_at": at_epochs(r.get("removed") or [])}
     if redteam:
         checks = e["redteam"]["sophon"]
         result["redteam"] = {"attacks": len(checks),
@@ -67,7 +71,7 @@ def judged(exp: dict, sophon_doc: dict, scratch: dict, original: dict | None = N
             worst = worst_case(e["starts"]["sophon"], [c["vs_envelope"]["mean"] for c in checks.values()],
                                e["higher_is_better"])
             worst_removed = env.removed(e["starts"]["original"], e["starts"]["scratch"], worst, e["higher_is_better"])
-            result["worst_removed_at"] = {str(k): worst_removed[k] for k in AT_EPOCHS if k < len(worst_removed)}
+            result["worst_removed_at"] = at_epochs(worst_removed)
     return result
 
 

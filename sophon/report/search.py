@@ -311,16 +311,7 @@ def section(e: dict, figure: Path, epochs: list[int]) -> Section:
     blocks.append(Table(["start", "tried", "best configuration (long horizon)", "score", *[f"epoch {x}" for x in shown]], rows,
                         f"The envelope per start ({e['metric']}, mean ± std over seeds)."))
     if "advantage" in e:
-        gains = e["advantage"]["per_epoch"]
-        cells = [_signed(gains[x], higher) for x in shown]
-        rows = [["Sophon − scratch (attacker's gain)", *cells]]
-        if "head_start" in e:
-            rows.append(["original − scratch (head start)", *[_signed(e['head_start']['per_epoch'][x], higher) for x in shown]])
-            rows.append(["seeds' spread of the head start", *[_signed(e['head_start']['spread'][x], higher)[1:] for x in shown]])
-        if e.get("removed"):
-            rows.append(["share of the head start removed",
-                         *["–" if e["removed"][x] is None else f"{e['removed'][x]:.0%}" for x in shown]])
-        blocks.append(Table(["", *[f"epoch {x}" for x in shown]], rows,
+        blocks.append(Table(["", *[f"epoch {x}" for x in shown]], _gain_rows(e, shown, higher, spread=True),
                             "Positive gain: fine-tuning the Sophon model beats training from scratch. Share removed: "
                             "(original − Sophon) / (original − scratch), '–' where the head start is within the spread."))
     blocks.extend(_retest_blocks(e, shown))
@@ -336,6 +327,21 @@ def section(e: dict, figure: Path, epochs: list[int]) -> Section:
     return Section("The strongest attacker (attack search)", blocks)
 
 
+def _gain_rows(v: dict, shown: list[int], higher: bool, *, spread: bool) -> list[list[str]]:
+    """Table rows of one verdict (`_judge`'s keys) at the `shown` epochs: the attacker's gain, the head start (and its
+    spread), the share of it removed."""
+    rows = [["Sophon − scratch (attacker's gain)", *[_signed(v["advantage"]["per_epoch"][x], higher) for x in shown]]]
+    if "head_start" in v:
+        rows.append(["original − scratch (head start)", *[_signed(v["head_start"]["per_epoch"][x], higher) for x in shown]])
+        if spread:
+            rows.append(["seeds' spread of the head start",
+                         *[_signed(v["head_start"]["spread"][x], higher)[1:] for x in shown]])
+    if v.get("removed"):
+        rows.append(["share of the head start removed",
+                     *["–" if v["removed"][x] is None else f"{v['removed'][x]:.0%}" for x in shown]])
+    return rows
+
+
 def _retest_blocks(e: dict, shown: list[int]) -> list:
     """The retest's envelope per start and its gains, at the table's epochs."""
     r = e.get("retest")
@@ -345,12 +351,7 @@ def _retest_blocks(e: dict, shown: list[int]) -> list:
     rows = [[ROW_NAMES.get(start, start), *[f"{_fmt(s['mean'][x], higher)} ± {_fmt(s['std'][x], higher)}" for x in shown]]
             for start, s in r["starts"].items()]
     if "advantage" in r:
-        rows.append(["Sophon − scratch (attacker's gain)", *[_signed(r["advantage"]["per_epoch"][x], higher) for x in shown]])
-    if "head_start" in r:
-        rows.append(["original − scratch (head start)", *[_signed(r["head_start"]["per_epoch"][x], higher) for x in shown]])
-    if r.get("removed"):
-        rows.append(["share of the head start removed",
-                     *["–" if r["removed"][x] is None else f"{r['removed'][x]:.0%}" for x in shown]])
+        rows += _gain_rows(r, shown, higher, spread=False)
     return [Table(["", *[f"epoch {x}" for x in shown]], rows,
                   f"Retest at held-out seeds {_seeds(r['seeds'] or [])}: each epoch's pick of the envelope above, mean "
                   f"± std over these seeds ({e['metric']}).")]
