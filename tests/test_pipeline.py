@@ -181,8 +181,10 @@ def test_one_state_snakemake_then_dvc_repro(project):
 
 
 def _search_runs(doc: dict) -> int:
-    """The fine-tuning runs a search document stands for: its coarse runs and every confirmed seed."""
-    return len(doc["coarse"]) + sum(len(entry["seeds"]) for entry in doc["confirmed"].values())
+    """The fine-tuning runs a search document stands for: its coarse runs, every confirmed seed and every retest."""
+    retest = doc.get("retest", {"runs": {}})
+    return (len(doc["coarse"]) + sum(len(entry["seeds"]) for entry in doc["confirmed"].values())
+            + sum(len(curves) for curves in retest["runs"].values()))
 
 
 def test_one_state_edit_then_snakemake(project):
