@@ -88,7 +88,8 @@ def main() -> None:
     for row, r in summary.items():
         cells = [f"{r[k]['median']:.3f} ({r[k]['min']:.3f}–{r[k]['max']:.3f})" for k in ("train_epoch_s", "score_s")]
         share = r["score_share"]
-        print(f"{row:40} {cells[0]:>22} {cells[1]:>22} {share['median']:>7.0%} ({share['min']:.0%}–{share['max']:.0%})"
+        share_cell = f"{share['median']:.0%} ({share['min']:.0%}–{share['max']:.0%})"
+        print(f"{row:40} {cells[0]:>22} {cells[1]:>22} {share_cell:>20}"
               f"   [{r['adversary_images']} adversary, {r['test_images']} test images]")
 
 
