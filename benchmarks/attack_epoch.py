@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -25,18 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from benchmarks.run import once as seconds  # noqa: E402
 from sophon.config import load_params  # noqa: E402
 from sophon.optim import make_optimizer  # noqa: E402
 from sophon.train import train_epochs  # noqa: E402
 from stages.common import experiment, fine_tuning_setup  # noqa: E402
 
 BATCH_SIZES = {"classification": (8, 16, 64), "generation": (4, 8)}
-
-
-def seconds(fn) -> float:
-    began = time.perf_counter()
-    fn()
-    return time.perf_counter() - began
 
 
 def measure(exp: dict, batch_size: int, repeats: int) -> dict:
