@@ -48,7 +48,7 @@ from sophon.features import STAGE_SELECTIONS, feature_stages, stage_features
 from sophon.io import read_state, write_state
 from sophon.losses import mmd_to_noise, probe_readout
 from sophon.objectives import Objective
-from sophon.simulate import START_ALIASES, Adversary, group_adversaries, run_adversaries, sample_task
+from sophon.simulate import START_ALIASES, Adversary, TaskSampler, group_adversaries, run_adversaries
 from sophon.train import endless_batches, progress
 
 log = logging.getLogger("sophon.protect")
@@ -226,6 +226,10 @@ def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None
             f"{float(sp['shrink']):g}:{float(sp['perturb']):g}" for sp in settings.task_space["shrink_perturb"]))
     if set(settings.task_space.get("schedules", ["constant"])) - {"constant"}:
         changes.append("scheduled inner lrs")
+    focus = settings.task_space.get("focus") or {}
+    if float(focus.get("share", 0.0)) > 0:
+        changes.append(f"focus {float(focus['share']):g} (replays of the {focus.get('top', 5)} strongest of the last "
+                       f"{focus.get('window', 40)} adversaries)")
     if settings.step_weighting != "uniform" and settings.late_weight != 1.0:
         changes.append(f"{settings.step_weighting} step weights ×{settings.late_weight:g}")
     if settings.persist_loops > 1:
@@ -273,6 +277,7 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
     `state_dir` saved under the same `state_key` (what determines the run: settings, seed, start model, data) is
     resumed; a state of another key is ignored and overwritten."""
     rng = random.Random(seed)
+    sampler = TaskSampler(settings.task_space, rng)
     generator = torch.Generator().manual_seed(seed)
     suppress_opt = torch.optim.Adam(model.parameters(), lr=settings.alpha * settings.lr)
     normal_opt = torch.optim.Adam(model.parameters(), lr=settings.beta * settings.lr)
@@ -319,6 +324,7 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             basin_batches.restore(saved["basin_batches"])
         reference, history, first = saved["reference"], ProtectHistory(**saved["history"]), saved["loop"] + 1
         best = saved.get("best")
+        sampler.restore(saved.get("sampler", []))
         if averaged is not None:
             averaged.load_state_dict(saved["averaged"])
         log.info("resumed from the state saved after loop %d", saved["loop"])
@@ -336,6 +342,7 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             "torch_rng": torch.get_rng_state(), "generator": generator.get_state(), "rng": rng.getstate(),
             "normal_batches": normal_batches.state(), "reference": reference, "history": dataclasses.asdict(history),
             **({"best": best} if best is not None else {}),
+            **({"sampler": sampler.state()} if sampler.recent else {}),
             **({"averaged": averaged.state_dict()} if averaged is not None else {}),
             **({"depth_generator": term.generator.get_state()} if term is not None else {}),
             **({"depth_batches": depth_batches.state()} if depth_batches is not None else {}),
@@ -345,7 +352,7 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
     def new_adversary() -> Adversary:
         order = torch.randperm(len(defender), generator=generator)
         half = len(order) // 2
-        return Adversary(model, objective, sample_task(settings.task_space, rng), defender.subset(order[:half]),
+        return Adversary(model, objective, sampler.draw(), defender.subset(order[:half]),
                          defender.subset(order[half:]), total_steps=settings.inner_steps * settings.persist_loops,
                          eval_batch_size=settings.eval_batch_size, generator=generator,
                          depth=term if on_adapted else None)
@@ -358,12 +365,13 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
         # With persist_loops > 1 the adversaries of loop 1, 1 + persist_loops, ... fine-tune on for that many loops.
         model.train()
         if (loop - 1) % settings.persist_loops == 0 or not adversaries:
-            adversaries = group_adversaries([new_adversary() for _ in range(settings.tasks_per_loop)],
-                                            settings.batched)
+            created = [new_adversary() for _ in range(settings.tasks_per_loop)]  # results come in this order
+            adversaries = group_adversaries(created, settings.batched)
         total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
         losses, adapted_depth = [], []
-        for result in run_adversaries(adversaries, settings.inner_steps, settings.eval_every,
-                                      settings.step_weighting, settings.late_weight):
+        for adversary, result in zip(created, run_adversaries(adversaries, settings.inner_steps, settings.eval_every,
+                                                              settings.step_weighting, settings.late_weight)):
+            sampler.record(adversary.task, result.final_suppression_loss)
             for name, grad in result.grads.items():
                 total[name] += grad / settings.tasks_per_loop
             losses.append(result.suppression_loss)

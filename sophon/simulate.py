@@ -37,6 +37,7 @@ the same results to float rounding.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import random
@@ -87,6 +88,40 @@ def sample_task(space: dict, rng: random.Random) -> SimulatedTask:
         if chosen is not None:
             task = replace(task, shrink=float(chosen["shrink"]), perturb=float(chosen["perturb"]))
     return task
+
+
+class TaskSampler:
+    """Draws the simulated adversaries' tasks: each from the configured sets (`sample_task`), or, with task_space
+    `focus` {share, top, window}, a `share` of them replayed from the strongest recent ones. Strength is an
+    adversary's suppression loss after its fine-tune (the defender minimises it: the higher, the more the adversary
+    recovered); a replay draws one of the `top` strongest of the last `window` adversaries and runs its configuration
+    (start, optimiser, lr, batch, schedule, shrink-and-perturb) again with a fresh seed. The simulation then spends
+    its loops on the adversaries the release is currently weakest against, as the attack search does with its trials,
+    and not on the broad mix's easy ones. Off (share 0), it draws exactly what `sample_task` always drew."""
+
+    def __init__(self, space: dict, rng: random.Random):
+        focus = space.get("focus") or {}
+        self.space, self.rng = space, rng
+        self.share, self.top, self.window = (float(focus.get("share", 0.0)), int(focus.get("top", 5)),
+                                             int(focus.get("window", 40)))
+        self.recent: list[tuple[SimulatedTask, float]] = []  # (task, strength), oldest first
+
+    def draw(self) -> SimulatedTask:
+        if self.share > 0 and len(self.recent) >= self.top and self.rng.random() < self.share:
+            strongest = sorted(self.recent, key=lambda item: item[1], reverse=True)[:self.top]
+            return replace(self.rng.choice(strongest)[0], seed=self.rng.randrange(2**31))
+        return sample_task(self.space, self.rng)
+
+    def record(self, task: SimulatedTask, strength: float) -> None:
+        if self.share > 0 and math.isfinite(strength):
+            self.recent.append((task, strength))
+            del self.recent[:-self.window]
+
+    def state(self) -> list[dict]:
+        return [{"task": dataclasses.asdict(task), "strength": strength} for task, strength in self.recent]
+
+    def restore(self, state: list[dict]) -> None:
+        self.recent = [(SimulatedTask(**item["task"]), float(item["strength"])) for item in state]
 
 
 def step_weights(points: int, scheme: str = "uniform", late_weight: float = 1.0) -> list[float]:

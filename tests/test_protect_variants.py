@@ -572,3 +572,74 @@ def test_redteam_selection_probes_are_the_held_out_red_team_attacks(project_dir)
     exp["redteam"]["attacks"] = {n: {**s, "held_out": False} for n, s in exp["redteam"]["attacks"].items()}
     with pytest.raises(ConfigError, match="sophon.select: redteam needs red-team attacks with held_out"):
         protect_settings(exp, select="redteam")
+
+
+# --- focus on the strongest simulated adversaries ----------------------------------------------------------------
+
+def test_task_sampler_without_focus_draws_what_sample_task_draws():
+    import random
+
+    from sophon.simulate import TaskSampler
+
+    space = {"starts": ["initFC", "reinit2+all"], "optimizers": ["adam", "momentum"], "lrs": [1e-3, 1e-2],
+             "batch_sizes": [8, 16]}
+    sampler, rng = TaskSampler(space, random.Random(3)), random.Random(3)
+    drawn = []
+    for _ in range(30):
+        drawn.append(sampler.draw())
+        sampler.record(drawn[-1], 1.0)  # off: recording keeps nothing, and draws nothing extra
+        assert sampler.recent == []
+    assert drawn == [sample_task(space, rng) for _ in range(30)]
+
+
+def test_task_sampler_replays_only_the_strongest_recent_configurations():
+    import random
+
+    from sophon.simulate import TaskSampler
+
+    space = {"starts": ["initFC", "reinit1+all", "reinit2+all", "reinit3+all"], "optimizers": ["adam", "momentum"],
+             "lrs": [1e-3, 3e-3, 1e-2], "batch_sizes": [8, 16, 64], "focus": {"share": 1.0, "top": 2, "window": 6}}
+    sampler = TaskSampler(space, random.Random(0))
+    drawn = [sampler.draw() for _ in range(8)]  # fewer than `top` recorded yet: all from the space
+    strengths = [0.1, 5.0, 0.3, 4.0, 0.2, 0.4, 9.0, 0.5]
+    for task, strength in zip(drawn, strengths):
+        sampler.record(task, strength)
+    sampler.record(drawn[0], float("nan"))  # a diverged adversary says nothing about strength
+    assert [t for t, _ in sampler.recent] == drawn[2:]  # the window keeps the last 6
+    strongest = {replace(drawn[6], seed=0), replace(drawn[3], seed=0)}  # 9.0 and 4.0; 5.0 left the window
+    replays = [sampler.draw() for _ in range(40)]
+    assert {replace(t, seed=0) for t in replays} == strongest
+    assert len({t.seed for t in replays}) > 30  # a configuration replayed with fresh seeds
+    half = TaskSampler({**space, "focus": {"share": 0.5, "top": 2, "window": 6}}, random.Random(0))
+    half.restore(sampler.state())
+    assert half.recent == sampler.recent
+    mixed = [replace(half.draw(), seed=0) for _ in range(200)]
+    assert 60 < sum(t in strongest for t in mixed) < 160  # about half replays (plus the space's own hits)
+
+
+def test_protect_with_focus_resumes_exactly_and_names_it(tiny, tmp_path):
+    shapes, defender = tiny
+    space = {"starts": ["direct", "initFC"], "optimizers": ["adam", "momentum"], "lrs": [1e-2, 1e-3],
+             "batch_sizes": [16], "focus": {"share": 0.5, "top": 1, "window": 3}}
+    settings = _settings(loops=6, save_every=3, task_space=space)
+    uninterrupted = model()
+    protect(uninterrupted, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
+            state_dir=tmp_path, state_key="k")
+    saved = read_state(tmp_path)
+    assert saved["loop"] == 3 and len(saved["sampler"]) == 3
+    resumed = model()
+    protect(resumed, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
+            state_dir=tmp_path, state_key="k")
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert variant_name(settings).endswith("focus 0.5 (replays of the 1 strongest of the last 3 adversaries)")
+
+
+def test_focus_top_beyond_its_window_is_an_error_naming_the_key(tmp_path):
+    params = yaml.safe_load(open("params.yaml"))
+    name = next(n for n, e in params["experiments"].items() if e["task"] == "classification")
+    params["experiments"][name]["sophon"]["task_space"]["focus"] = {"share": 0.5, "top": 9, "window": 4}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=rf"key 'experiments.{name}.sophon.task_space.focus.top' = 9"):
+        load_params(path)
