@@ -67,3 +67,13 @@ def test_each_job_reads_the_dvc_lock_state_of_its_own_stage(both):
     for cmd, stage in dvc.items():
         stamps = [i for i in snake[cmd]["input"] if i.startswith(".snakemake/dvc-state/")]
         assert stamps == [f".snakemake/dvc-state/{stage['name'].split(':')[-1]}"], (stage["name"], stamps)
+
+
+def test_several_targets_plan_on_a_fresh_clone(tmp_path):
+    """Each job's stamp is written while Snakemake builds the DAG, after it may have listed the stamp folder (its file
+    cache lists a folder once): a stamp missing from that listing must not read as a missing input."""
+    root = copy_project(tmp_path)
+    targets = ["results/quick-classification/search/scratch.json", "results/quick-classification/search/original.json",
+               "models/quick-classification/sophon/model.safetensors"]
+    rules = sorted(job["rule"] for job in snakemake_dry_run(root, *targets))
+    assert rules == ["pretrain", "protect", "search", "search", "split"]

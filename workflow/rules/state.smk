@@ -111,9 +111,19 @@ def dvc_state(rule_name, values=lambda wildcards: None):
         if workflow.is_main_process and path not in _CACHE:
             _CACHE[path] = True
             _date_stamp(path, dvcfile, stage, _json.loads(_json.dumps(values(wildcards), default=str)))
+            _listed(path)
         return str(path)
 
     return stamp
+
+
+def _listed(path):
+    """Tell Snakemake's file cache that the stamp exists: it lists a folder once, the first time it checks a file
+    there, and takes a file missing from that listing as missing, so a stamp written after it (the second of several
+    targets on a fresh clone) would stop the run with a MissingInputException."""
+    listing = getattr(getattr(workflow, "iocache", None), "exists_local", None)
+    if listing is not None:
+        listing[str(path)] = True
 
 
 def _write(path, doc):
