@@ -38,4 +38,4 @@ benchmark: env
 	python benchmarks/run.py
 
 clean:
-	rm -rf data models results reports logs .snakemake .cache mlflow.db mlartifacts
+	rm -rf data models results reports logs .snakemake .cache mlflow.db mlflow.db.lock mlartifacts

@@ -21,6 +21,8 @@ import uuid
 import warnings
 from pathlib import Path
 
+from filelock import FileLock
+
 INVOCATION_ENV = "SOPHON_INVOCATION"
 DEFAULT_DB = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -54,15 +56,25 @@ def init_store(experiment: str, project_dir: str | Path = ".") -> str:
     # Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI itself (for child processes).
     server = bool(os.environ.get("MLFLOW_TRACKING_URI"))
     mlflow.set_tracking_uri(tracking_uri(project_dir))
+    if server:
+        return _experiment_id(experiment, None)
+    # Two stages started by hand at once on a fresh project would both create the SQLite store's schema, and the
+    # second's migration fails: one at a time (the Snakefile creates it before any job).
+    with FileLock(str(Path(project_dir).resolve() / (DEFAULT_DB + ".lock"))):
+        return _experiment_id(experiment, (Path(project_dir).resolve() / ARTIFACT_DIR).as_uri())
+
+
+def _experiment_id(experiment: str, artifacts: str | None) -> str:
+    import mlflow
+
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         if found.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # a store made before the tag was set
             mlflow.MlflowClient().set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
         end_orphaned_runs(found.experiment_id)
         return found.experiment_id
-    # The local store keeps artifacts beside the project; a tracking server keeps them where it was told to
-    # (`mlflow server --artifacts-destination`), so every node reaches them through it.
-    artifacts = None if server else (Path(project_dir).resolve() / ARTIFACT_DIR).as_uri()
+    # The local store keeps artifacts beside the project (`artifacts`); a tracking server keeps them where it was
+    # told to (`mlflow server --artifacts-destination`), so every node reaches them through it (None).
     try:
         return mlflow.create_experiment(experiment, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
     except Exception:  # created by a concurrent process in the meantime

@@ -131,3 +131,16 @@ def test_runs_are_tagged_with_what_decides_their_rounding(store):
     tags = MlflowClient().get_run(run_id).data.tags
     assert tags["sophon.torch"] == torch.__version__
     assert tags["sophon.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_stages_started_at_once_on_a_fresh_project_share_one_local_store(tmp_path):
+    """Without Snakemake's onstart (stages run by hand, side by side), the first stages would all create the SQLite
+    store's schema at once, and all but one fail in its migration."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(PROJECT)
+    code = "from sophon.tracking import init_store; print(init_store('race'))"
+    children = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [child.communicate(timeout=300) for child in children]
+    assert [child.returncode for child in children] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    assert len({out.split()[-1] for out, _ in outs}) == 1
