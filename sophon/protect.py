@@ -267,6 +267,7 @@ class ProtectHistory:
     depth_loss: list[float] = field(default_factory=list)  # depth MMD at the released weights (reinforcement steps)
     adapted_depth_loss: list[float] = field(default_factory=list)  # depth MMD at the adapted weights
     basin_loss: list[float] = field(default_factory=list)  # the basin term (reinforcement steps), per loop
+    focus: dict = field(default_factory=dict)  # task_space focus: replays and the strongest adversaries at the end
 
 
 def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, original_train: ImageSet,
@@ -324,7 +325,7 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             basin_batches.restore(saved["basin_batches"])
         reference, history, first = saved["reference"], ProtectHistory(**saved["history"]), saved["loop"] + 1
         best = saved.get("best")
-        sampler.restore(saved.get("sampler", []))
+        sampler.restore(saved.get("sampler", {}))
         if averaged is not None:
             averaged.load_state_dict(saved["averaged"])
         log.info("resumed from the state saved after loop %d", saved["loop"])
@@ -451,6 +452,8 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
                 and loop % settings.persist_loops == 0 and loop < settings.loops):
             save(loop)
     history.selected_loop = settings.loops
+    if sampler.share > 0:
+        history.focus = sampler.summary()
     if best is not None:
         model.load_state_dict(best["model"])
         history.selected_loop = best["loop"]

@@ -105,11 +105,15 @@ class TaskSampler:
         self.share, self.top, self.window = (float(focus.get("share", 0.0)), int(focus.get("top", 5)),
                                              int(focus.get("window", 40)))
         self.recent: list[tuple[SimulatedTask, float]] = []  # (task, strength), oldest first
+        self.replays = 0
+
+    def strongest(self) -> list[tuple[SimulatedTask, float]]:
+        return sorted(self.recent, key=lambda item: item[1], reverse=True)[:self.top]
 
     def draw(self) -> SimulatedTask:
         if self.share > 0 and len(self.recent) >= self.top and self.rng.random() < self.share:
-            strongest = sorted(self.recent, key=lambda item: item[1], reverse=True)[:self.top]
-            return replace(self.rng.choice(strongest)[0], seed=self.rng.randrange(2**31))
+            self.replays += 1
+            return replace(self.rng.choice(self.strongest())[0], seed=self.rng.randrange(2**31))
         return sample_task(self.space, self.rng)
 
     def record(self, task: SimulatedTask, strength: float) -> None:
@@ -117,11 +121,19 @@ class TaskSampler:
             self.recent.append((task, strength))
             del self.recent[:-self.window]
 
-    def state(self) -> list[dict]:
-        return [{"task": dataclasses.asdict(task), "strength": strength} for task, strength in self.recent]
+    def state(self) -> dict:
+        return {"replays": self.replays,
+                "recent": [{"task": dataclasses.asdict(task), "strength": strength} for task, strength in self.recent]}
 
-    def restore(self, state: list[dict]) -> None:
-        self.recent = [(SimulatedTask(**item["task"]), float(item["strength"])) for item in state]
+    def restore(self, state: dict) -> None:
+        self.replays = int(state.get("replays", 0))
+        self.recent = [(SimulatedTask(**item["task"]), float(item["strength"])) for item in state.get("recent", [])]
+
+    def summary(self) -> dict:
+        """What the focus did, for the history: how many adversaries were replays, and the strongest at the end."""
+        return {"replays": self.replays, "strongest": [
+            {**{k: v for k, v in dataclasses.asdict(task).items() if k not in ("seed", "lora_rank")},
+             "strength": strength} for task, strength in self.strongest()]}
 
 
 def step_weights(points: int, scheme: str = "uniform", late_weight: float = 1.0) -> list[float]:

@@ -612,7 +612,8 @@ def test_task_sampler_replays_only_the_strongest_recent_configurations():
     assert len({t.seed for t in replays}) > 30  # a configuration replayed with fresh seeds
     half = TaskSampler({**space, "focus": {"share": 0.5, "top": 2, "window": 6}}, random.Random(0))
     half.restore(sampler.state())
-    assert half.recent == sampler.recent
+    assert half.recent == sampler.recent and half.replays == sampler.replays == 40
+    assert [item["strength"] for item in sampler.summary()["strongest"]] == [9.0, 4.0]
     mixed = [replace(half.draw(), seed=0) for _ in range(200)]
     assert 60 < sum(t in strongest for t in mixed) < 160  # about half replays (plus the space's own hits)
 
@@ -626,12 +627,13 @@ def test_protect_with_focus_resumes_exactly_and_names_it(tiny, tmp_path):
     protect(uninterrupted, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
             state_dir=tmp_path, state_key="k")
     saved = read_state(tmp_path)
-    assert saved["loop"] == 3 and len(saved["sampler"]) == 3
+    assert saved["loop"] == 3 and len(saved["sampler"]["recent"]) == 3
     resumed = model()
-    protect(resumed, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
-            state_dir=tmp_path, state_key="k")
+    history = protect(resumed, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0,
+                      device=CPU, state_dir=tmp_path, state_key="k")
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+    assert history.focus["replays"] >= 1 and len(history.focus["strongest"]) == 1
     assert variant_name(settings).endswith("focus 0.5 (replays of the 1 strongest of the last 3 adversaries)")
 
 
