@@ -291,18 +291,26 @@ def test_a_persistent_adversary_follows_the_released_weights_except_what_it_repl
     assert all(torch.allclose(adversary.params[n], before[n] + (0 if n in head else 0.5)) for n in before)
 
 
-def test_protect_with_persistent_adversaries_saves_only_between_them_and_resumes_exactly(tiny, tmp_path):
+def _resumed(tiny, tmp_path, settings):
+    """Protect to the end, saving states, then again from the last state saved: (that state, the resumed run's
+    history, its model), once both runs are seen to end at the same weights."""
     shapes, defender = tiny
-    settings = _settings(loops=5, persist_loops=2, save_every=1)
     uninterrupted = model()
     protect(uninterrupted, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
             state_dir=tmp_path, state_key="k")
-    assert read_state(tmp_path)["loop"] == 4  # loops 1 and 3 end inside an adversary's life: no state there
+    saved = read_state(tmp_path)
     resumed = model()
-    protect(resumed, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
-            state_dir=tmp_path, state_key="k")  # picks up after loop 4 and runs loop 5
+    history = protect(resumed, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0,
+                      device=CPU, state_dir=tmp_path, state_key="k")
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+    return saved, history, resumed
+
+
+def test_protect_with_persistent_adversaries_saves_only_between_them_and_resumes_exactly(tiny, tmp_path):
+    shapes, defender = tiny
+    saved, _, resumed = _resumed(tiny, tmp_path, _settings(loops=5, persist_loops=2, save_every=1))
+    assert saved["loop"] == 4  # loops 1 and 3 end inside an adversary's life: no state there; the resume runs loop 5
     fresh = model()  # a fresh adversary every loop is another run
     protect(fresh, ClassificationObjective("ice"), defender, shapes, shapes, _settings(loops=5), seed=0, device=CPU)
     assert any(not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), resumed.state_dict().values()))
@@ -394,18 +402,9 @@ def test_average_from_releases_the_mean_of_the_checks_with_batch_norm_statistics
 
 def test_average_from_resumes_exactly_and_is_checked(tiny, tmp_path):
     shapes, defender = tiny
-    settings = _settings(loops=5, average_from=2, save_every=2)
-    uninterrupted = model()
-    protect(uninterrupted, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
-            state_dir=tmp_path, state_key="k")
-    saved = read_state(tmp_path)
+    saved, history, _ = _resumed(tiny, tmp_path, _settings(loops=5, average_from=2, save_every=2))
     assert saved["loop"] == 4 and int(saved["averaged"]["n_averaged"]) == 3
-    resumed = model()
-    history = protect(resumed, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0,
-                      device=CPU, state_dir=tmp_path, state_key="k")
     assert history.averaged_loops == [2, 3, 4, 5]
-    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
     with pytest.raises(ConfigError, match="sophon.average_from: 2 averages the checks, and sophon.select: probe"):
         protect(model(), ClassificationObjective("ice"), defender, shapes, shapes,
                 _settings(average_from=2, select="probe"), seed=0, device=CPU)
@@ -619,20 +618,11 @@ def test_task_sampler_replays_only_the_strongest_recent_configurations():
 
 
 def test_protect_with_focus_resumes_exactly_and_names_it(tiny, tmp_path):
-    shapes, defender = tiny
     space = {"starts": ["direct", "initFC"], "optimizers": ["adam", "momentum"], "lrs": [1e-2, 1e-3],
              "batch_sizes": [16], "focus": {"share": 0.5, "top": 1, "window": 3}}
     settings = _settings(loops=6, save_every=3, task_space=space)
-    uninterrupted = model()
-    protect(uninterrupted, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
-            state_dir=tmp_path, state_key="k")
-    saved = read_state(tmp_path)
+    saved, history, _ = _resumed(tiny, tmp_path, settings)
     assert saved["loop"] == 3 and len(saved["sampler"]["recent"]) == 3
-    resumed = model()
-    history = protect(resumed, ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0,
-                      device=CPU, state_dir=tmp_path, state_key="k")
-    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
     assert history.focus["replays"] >= 1 and len(history.focus["strongest"]) == 1
     assert variant_name(settings).endswith("focus 0.5 (replays of the 1 strongest of the last 3 adversaries)")
 
