@@ -144,13 +144,13 @@ def _check_names(config: dict, source: str) -> None:
 
 def _check_simulated_starts(sophon: dict, task: str, key: str, source: str) -> None:
     """The simulation's starts and the probe attack are strategies of the task."""
-    from sophon.simulate import START_ALIASES
+    from sophon.simulate import FOCUS, START_ALIASES
     from sophon.strategies import check_strategy
 
-    focus = sophon["task_space"].get("focus") or {}
-    if focus.get("top", 5) > focus.get("window", 40):
-        raise ConfigError(f"{source}: key '{key}.task_space.focus.top' = {focus.get('top', 5)}: more than the "
-                          f"{focus.get('window', 40)} adversaries the window ({key}.task_space.focus.window) remembers")
+    focus = {**FOCUS, **(sophon["task_space"].get("focus") or {})}
+    if focus["top"] > focus["window"]:
+        raise ConfigError(f"{source}: key '{key}.task_space.focus.top' = {focus['top']}: more than the "
+                          f"{focus['window']} adversaries the window ({key}.task_space.focus.window) remembers")
     named = [(f"{key}.task_space.starts", s) for s in sophon["task_space"]["starts"]]
     probes = sophon["probe"] if isinstance(sophon["probe"], list) else [sophon["probe"]]
     named += [(f"{key}.probe.strategy", probe["strategy"]) for probe in probes]

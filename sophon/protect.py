@@ -48,7 +48,7 @@ from sophon.features import STAGE_SELECTIONS, feature_stages, stage_features
 from sophon.io import read_state, write_state
 from sophon.losses import mmd_to_noise, probe_readout
 from sophon.objectives import Objective
-from sophon.simulate import START_ALIASES, Adversary, TaskSampler, group_adversaries, run_adversaries
+from sophon.simulate import FOCUS, START_ALIASES, Adversary, TaskSampler, group_adversaries, run_adversaries
 from sophon.train import endless_batches, progress
 
 log = logging.getLogger("sophon.protect")
@@ -226,10 +226,10 @@ def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None
             f"{float(sp['shrink']):g}:{float(sp['perturb']):g}" for sp in settings.task_space["shrink_perturb"]))
     if set(settings.task_space.get("schedules", ["constant"])) - {"constant"}:
         changes.append("scheduled inner lrs")
-    focus = settings.task_space.get("focus") or {}
-    if float(focus.get("share", 0.0)) > 0:
-        changes.append(f"focus {float(focus['share']):g} (replays of the {focus.get('top', 5)} strongest of the last "
-                       f"{focus.get('window', 40)} adversaries)")
+    focus = {**FOCUS, **(settings.task_space.get("focus") or {})}
+    if float(focus["share"]) > 0:
+        changes.append(f"focus {float(focus['share']):g} (replays of the {focus['top']} strongest of the last "
+                       f"{focus['window']} adversaries)")
     if settings.step_weighting != "uniform" and settings.late_weight != 1.0:
         changes.append(f"{settings.step_weighting} step weights ×{settings.late_weight:g}")
     if settings.persist_loops > 1:

@@ -54,6 +54,7 @@ from sophon.optim import ELEMENTWISE, make_optimizer, make_schedule
 from sophon.train import endless_batches
 
 START_ALIASES = {"direct": "direct+all", "initFC": "initFC+all"}  # the paper's names
+FOCUS = {"share": 0.0, "top": 5, "window": 40}  # task_space `focus` (TaskSampler); share 0 = off
 STEP_WEIGHTINGS = ("uniform", "exponential")
 _created = itertools.count()  # the order adversaries were made in (run_adversaries draws their batches in it)
 
@@ -100,10 +101,9 @@ class TaskSampler:
     and not on the broad mix's easy ones. Off (share 0), it draws exactly what `sample_task` always drew."""
 
     def __init__(self, space: dict, rng: random.Random):
-        focus = space.get("focus") or {}
+        focus = {**FOCUS, **(space.get("focus") or {})}
         self.space, self.rng = space, rng
-        self.share, self.top, self.window = (float(focus.get("share", 0.0)), int(focus.get("top", 5)),
-                                             int(focus.get("window", 40)))
+        self.share, self.top, self.window = float(focus["share"]), int(focus["top"]), int(focus["window"])
         self.recent: list[tuple[SimulatedTask, float]] = []  # (task, strength), oldest first
         self.replays = 0
 

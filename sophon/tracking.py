@@ -60,8 +60,9 @@ def init_store(experiment: str, project_dir: str | Path = ".") -> str:
         return _experiment_id(experiment, None)
     # Two stages started by hand at once on a fresh project would both create the SQLite store's schema, and the
     # second's migration fails: one at a time (the Snakefile creates it before any job).
-    with FileLock(str(Path(project_dir).resolve() / (DEFAULT_DB + ".lock"))):
-        return _experiment_id(experiment, (Path(project_dir).resolve() / ARTIFACT_DIR).as_uri())
+    root = Path(project_dir).resolve()
+    with FileLock(str(root / (DEFAULT_DB + ".lock"))):
+        return _experiment_id(experiment, (root / ARTIFACT_DIR).as_uri())
 
 
 def _experiment_id(experiment: str, artifacts: str | None) -> str:
