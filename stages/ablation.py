@@ -19,7 +19,7 @@ from sophon.errors import ConfigError
 from sophon.features import stage_readout
 from sophon.io import read_json, write_json, write_text
 from sophon.protect import protect
-from sophon.report.search import summarize
+from sophon.report.search import claimed, summarize
 from sophon.search import run_search
 from sophon.tasks import load_model, task_of
 from sophon.tracking import stage_run
@@ -45,9 +45,10 @@ def judged(exp: dict, sophon_doc: dict, scratch: dict, original: dict | None = N
            redteam: dict | None = None) -> dict:
     """The envelope verdict of a Sophon search against the pipeline's search from scratch (`scratch`), and with the
     original's search the share of its head start removed. With the red-team suite's attacks on the same model
-    (`redteam`, as stages.redteam.run_suite returns them): the attacks the envelope does not cover, those beyond
-    scratch, and the share removed against the worst case (at each epoch the stronger of the envelope and every
-    attack)."""
+    (`redteam`, as stages.redteam.run_suite returns them): the attacks the envelope does not cover and those beyond
+    scratch, judged as the report judges them (against the retest's envelopes at the held-out seeds when the search
+    has a retest), and the share removed against the worst case (at each epoch the stronger of the envelope and
+    every attack)."""
     docs = {"scratch": scratch, "sophon": sophon_doc, **({"original": original} if original else {})}
     e = summarize(docs, exp["search"], {"sophon": {"attacks": redteam}} if redteam else None)
     gains, removed = e["advantage"]["per_epoch"], e.get("removed") or []
@@ -63,7 +64,7 @@ def judged(exp: dict, sophon_doc: dict, scratch: dict, original: dict | None = N
                             "gain_at": at_epochs(r["advantage"]["per_epoch"]),
                             "removed_at": at_epochs(r.get("removed") or [])}
     if redteam:
-        checks = e["redteam"]["sophon"]
+        checks = claimed(e)[0]["redteam"]["sophon"]
         result["redteam"] = {"attacks": len(checks),
                              "uncovered": [a for a, c in checks.items() if not c["vs_envelope"]["covered"]],
                              "above_scratch": [a for a, c in checks.items() if not c["vs_scratch"]["covered"]]}

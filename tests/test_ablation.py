@@ -62,3 +62,12 @@ def test_a_variant_is_judged_at_the_retest_seeds_too(exp):
     assert result["holds"] and result["retest"]["holds"] is False and result["retest"]["violations"] == [1, 2, 3]
     assert result["retest"]["seeds"] == [3, 4] and result["retest"]["gain_at"]["1"] == pytest.approx(10.0)
     assert result["retest"]["removed_at"]["1"] == pytest.approx((71 - 61) / 20)
+    # A red-team attack at 41/51/61 (seed means) beats Sophon's picking envelope (21/31/41) but not its retest
+    # (61/71/81), nor scratch's (51/61/71): judged, as the report judges it, at the held-out seeds, it is covered.
+    between = {"between": {"settings": {}, "held_out": True, "seeds": SEEDS,
+                           "curves": [[10, 40, 50, 60], [10, 42, 52, 62]]}}
+    red = judged(exp, docs["sophon"], docs["scratch"], docs["original"], between)["redteam"]
+    assert red == {"attacks": 1, "uncovered": [], "above_scratch": []}
+    without_retest = {start: {k: v for k, v in doc.items() if k != "retest"} for start, doc in docs.items()}
+    picked = judged(exp, without_retest["sophon"], without_retest["scratch"], without_retest["original"], between)
+    assert picked["redteam"]["uncovered"] == ["between"]  # against the picking seeds' envelope it is not covered
