@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,8 @@ class ProtectSettings:
     probe: dict | list = field(default_factory=lambda: dict(PROBE))  # AttackSettings fields; a list: several probes
     probe_train_samples: int = 0  # defender images each probe fine-tunes on (0: half); the rest score it
     average_from: int = 0  # > 0: release the mean weights of the good checks from this loop on (SWA); 0: the last loop's
+    anneal_from: int = 0  # > 0: from this loop on both outer lrs fall by a cosine to anneal_floor × at the last loop
+    anneal_floor: float = 0.1
     depth: dict = field(default_factory=lambda: dict(DEPTH))  # suppression at depth; weight 0 = off (the paper)
     basin: dict = field(default_factory=lambda: dict(BASIN))  # the depth loss on the line to the original; 0 = off
     task_space: dict = field(default_factory=lambda: {
@@ -135,6 +138,17 @@ def basin_settings(settings: ProtectSettings) -> dict:
         raise ConfigError("sophon.basin.weight: the basin term is added to the reinforcement steps, and "
                           "sophon.natural_steps is 0")
     return basin
+
+
+def anneal_factor(loop: int, settings: ProtectSettings) -> float:
+    """The outer lrs' multiplier during `loop` (1-based): 1 up to `anneal_from`, then a cosine down to `anneal_floor`
+    at the last loop. Both the suppression and the reinforcement steps shrink, so the released weights settle where
+    the two objectives balance, not wherever the last full-size step of either left them."""
+    start, floor = settings.anneal_from, settings.anneal_floor
+    if not start or loop <= start:
+        return 1.0
+    done = min(1.0, (loop - start) / (settings.loops - start))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 class BasinTerm:
@@ -239,6 +253,8 @@ def variant_name(settings: ProtectSettings, suppress_timesteps: list[int] | None
         changes.append(f"{settings.select}-selected checkpoint{on}")
     if settings.average_from:
         changes.append(f"weights averaged over checks from loop {settings.average_from}")
+    if settings.anneal_from:
+        changes.append(f"outer lrs annealed from loop {settings.anneal_from} to ×{settings.anneal_floor:g}")
     if depth["weight"] > 0:
         where = {"released": "", "adapted": " at adapted weights", "both": " at released and adapted weights"}
         stages = "" if depth["stages"] == "all" else f" on {depth['stages']} stages"
@@ -282,6 +298,9 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
     generator = torch.Generator().manual_seed(seed)
     suppress_opt = torch.optim.Adam(model.parameters(), lr=settings.alpha * settings.lr)
     normal_opt = torch.optim.Adam(model.parameters(), lr=settings.beta * settings.lr)
+    # LambdaLR's step count is the loops done: during loop L it holds L - 1.
+    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, lambda done: anneal_factor(done + 1, settings))
+                 for opt in (suppress_opt, normal_opt)] if settings.anneal_from else []
     normal_batches = endless_batches(original_train, settings.natural_batch_size, generator)
 
     if settings.select not in SELECTIONS:
@@ -289,6 +308,11 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
     if settings.average_from and settings.select != "last":
         raise ConfigError(f"sophon.average_from: {settings.average_from} averages the checks, and sophon.select: "
                           f"{settings.select} picks one; use one of them")
+    if settings.anneal_from and not 0 < settings.anneal_from < settings.loops:
+        raise ConfigError(f"sophon.anneal_from: {settings.anneal_from} is not before the last loop "
+                          f"(sophon.loops: {settings.loops})")
+    if not 0 < settings.anneal_floor <= 1:
+        raise ConfigError(f"sophon.anneal_floor: {settings.anneal_floor!r} is not in (0, 1]")
     if settings.average_from > settings.loops:
         raise ConfigError(f"sophon.average_from: {settings.average_from} is past the last loop "
                           f"(sophon.loops: {settings.loops})")
@@ -311,6 +335,8 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
         model.load_state_dict(saved["model"])
         suppress_opt.load_state_dict(saved["suppress_opt"])
         normal_opt.load_state_dict(saved["normal_opt"])
+        for schedule, state in zip(schedules, saved.get("schedules", [])):
+            schedule.load_state_dict(state)
         last_good = (saved["last_good"]["model"], saved["last_good"]["optimizers"])
         torch.set_rng_state(saved["torch_rng"])
         generator.set_state(saved["generator"])
@@ -343,6 +369,7 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             "torch_rng": torch.get_rng_state(), "generator": generator.get_state(), "rng": rng.getstate(),
             "normal_batches": normal_batches.state(), "reference": reference, "history": dataclasses.asdict(history),
             **({"best": best} if best is not None else {}),
+            **({"schedules": [schedule.state_dict() for schedule in schedules]} if schedules else {}),
             **({"sampler": sampler.state()} if sampler.recent else {}),
             **({"averaged": averaged.state_dict()} if averaged is not None else {}),
             **({"depth_generator": term.generator.get_state()} if term is not None else {}),
@@ -447,6 +474,8 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
             history.checks.append(check)
             if on_check is not None:
                 on_check(check)
+        for schedule in schedules:  # after a rollback too: the restored optimisers' lrs are the snapshot's
+            schedule.step()
         # A state is saved only where no adversary lives on (it is not part of the state).
         if (state_dir is not None and settings.save_every and loop % settings.save_every == 0
                 and loop % settings.persist_loops == 0 and loop < settings.loops):

@@ -2,6 +2,7 @@
 weighting, the probe-selected checkpoint, diffusion suppression on a timestep range, and the variant's name."""
 
 import copy
+import math
 from dataclasses import replace
 
 import pytest
@@ -13,7 +14,7 @@ from sophon.data import ImageSet
 from sophon.errors import ConfigError
 from sophon.models import build_classifier, head_parameter_names
 from sophon.objectives import ClassificationObjective
-from sophon.protect import Probe, ProtectSettings, protect, variant_name
+from sophon.protect import Probe, ProtectSettings, anneal_factor, protect, variant_name
 from sophon.io import read_state
 from sophon.simulate import (Adversary, SimulatedTask, eval_points, sample_task, simulate_finetune, simulated_start,
                              step_weights)
@@ -412,6 +413,54 @@ def test_average_from_resumes_exactly_and_is_checked(tiny, tmp_path):
         protect(model(), ClassificationObjective("ice"), defender, shapes, shapes, _settings(average_from=9),
                 seed=0, device=CPU)
     assert variant_name(_settings(average_from=300)) == "paper + weights averaged over checks from loop 300"
+
+
+def test_anneal_factor_is_one_then_a_cosine_down_to_the_floor_at_the_last_loop():
+    settings = _settings(loops=10, anneal_from=6, anneal_floor=0.2)
+    assert [anneal_factor(loop, settings) for loop in (1, 5, 6)] == [1.0, 1.0, 1.0]
+    # loop 8 is half way from 6 to 10: cos(π/2) = 0, so the factor is the floor plus half the rest
+    assert anneal_factor(8, settings) == pytest.approx(0.2 + 0.8 * 0.5)
+    assert anneal_factor(7, settings) == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert anneal_factor(10, settings) == pytest.approx(0.2)
+    assert anneal_factor(10, _settings(loops=10)) == 1.0  # anneal_from 0: off
+
+
+def test_anneal_sets_both_outer_lrs_each_loop_resumes_exactly_and_is_checked(tiny, tmp_path):
+    shapes, defender = tiny
+    settings = _settings(loops=6, anneal_from=2, anneal_floor=0.25, save_every=4)
+    saved, _, annealed = _resumed(tiny, tmp_path, settings)
+    assert saved["loop"] == 4
+    # the state after loop 4 holds the lrs of loop 5: α·lr and β·lr times the factor there
+    factor = anneal_factor(5, settings)
+    assert 0.25 < factor < 1
+    assert saved["suppress_opt"]["param_groups"][0]["lr"] == pytest.approx(settings.alpha * settings.lr * factor)
+    assert saved["normal_opt"]["param_groups"][0]["lr"] == pytest.approx(settings.beta * settings.lr * factor)
+    constant = model()
+    protect(constant, ClassificationObjective("ice"), defender, shapes, shapes, replace(settings, anneal_from=0),
+            seed=0, device=CPU)
+    assert any(not torch.equal(a, b) for a, b in zip(constant.state_dict().values(), annealed.state_dict().values()))
+    for changes, message in (({"anneal_from": 6}, r"sophon.anneal_from: 6 is not before the last loop"),
+                             ({"anneal_floor": 0.0}, r"sophon.anneal_floor: 0.0 is not in \(0, 1\]")):
+        with pytest.raises(ConfigError, match=message):
+            protect(model(), ClassificationObjective("ice"), defender, shapes, shapes, replace(settings, **changes),
+                    seed=0, device=CPU)
+    assert variant_name(_settings(anneal_from=350)) == "paper + outer lrs annealed from loop 350 to ×0.1"
+
+
+def test_anneal_sets_the_lrs_after_a_rollback_restored_the_snapshots(tiny, tmp_path):
+    """A rollback restores the optimisers' state (their lrs included) from the last good check, here the start's
+    full lrs; the schedule still sets the next loop's lrs from the loop count. Forced: a tolerance of −1000 accuracy
+    points rolls back at every check, whatever the weights."""
+    shapes, defender = tiny
+    settings = _settings(loops=4, anneal_from=1, anneal_floor=0.5, rollback_tolerance=-1000.0, check_every=2,
+                         save_every=2)
+    history = protect(model(), ClassificationObjective("ice"), defender, shapes, shapes, settings, seed=0, device=CPU,
+                      state_dir=tmp_path, state_key="k")
+    assert history.rollbacks == 2
+    saved = read_state(tmp_path)  # after loop 2's rollback: the lrs of loop 3
+    assert saved["loop"] == 2
+    assert saved["suppress_opt"]["param_groups"][0]["lr"] == pytest.approx(
+        settings.alpha * settings.lr * anneal_factor(3, settings))
 
 
 def test_probe_direction_follows_the_objective():
