@@ -298,9 +298,6 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
     generator = torch.Generator().manual_seed(seed)
     suppress_opt = torch.optim.Adam(model.parameters(), lr=settings.alpha * settings.lr)
     normal_opt = torch.optim.Adam(model.parameters(), lr=settings.beta * settings.lr)
-    # LambdaLR's step count is the loops done: during loop L it holds L - 1.
-    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, lambda done: anneal_factor(done + 1, settings))
-                 for opt in (suppress_opt, normal_opt)] if settings.anneal_from else []
     normal_batches = endless_batches(original_train, settings.natural_batch_size, generator)
 
     if settings.select not in SELECTIONS:
@@ -316,6 +313,9 @@ def protect(model: torch.nn.Module, objective: Objective, defender: ImageSet, or
     if settings.average_from > settings.loops:
         raise ConfigError(f"sophon.average_from: {settings.average_from} is past the last loop "
                           f"(sophon.loops: {settings.loops})")
+    # LambdaLR's step count is the loops done: during loop L it holds L - 1.
+    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, lambda done: anneal_factor(done + 1, settings))
+                 for opt in (suppress_opt, normal_opt)] if settings.anneal_from else []
     # Batch-norm statistics are not averaged: they are recomputed for the mean weights at the end (as SWA does).
     averaged = AveragedModel(model, use_buffers=False) if settings.average_from else None
     probe = (Probe(settings.probe, objective, defender, seed=seed, device=device,
