@@ -7,7 +7,9 @@ Needs the split data of every experiment (`make run`, or its split stages). For 
 times one epoch of `sophon.train.train_epochs` (the loop every attack runs, from a fresh model) and one call of the
 objective's `quality` (what `sophon.attacks.finetune` runs after every epoch), alternating the two in each repeat.
 The searches are the pipeline's largest cost and are all such epochs, so the share of scoring is the part of them
-that does not depend on how the attacker trains. Writes benchmarks/results_attack_epoch.json and prints a table.
+that does not depend on how the attacker trains. For classification it also scores the test set in one batch (how
+scoring ran before `sophon.train.SCORE_BATCH`) and checks that both give the same logits. Writes
+benchmarks/results_attack_epoch.json and prints a table.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch  # noqa: E402
 from benchmarks.run import once as seconds  # noqa: E402
 from sophon.config import load_params  # noqa: E402
 from sophon.optim import make_optimizer  # noqa: E402
-from sophon.train import train_epochs  # noqa: E402
+from sophon.train import SCORE_BATCH, evaluate_accuracy, to_input, train_epochs  # noqa: E402
 from stages.common import experiment, fine_tuning_setup  # noqa: E402
 
 BATCH_SIZES = {"classification": (8, 16, 64), "generation": (4, 8)}
@@ -47,14 +49,29 @@ def measure(exp: dict, batch_size: int, repeats: int) -> dict:
     def score():
         objective.quality(model, test, device)
 
+    def score_one_batch():
+        evaluate_accuracy(model, test, device, batch_size=len(test))
+
+    classification = objective.higher_is_better
     train(), score()  # warm-up
-    trained, scored = [], []
+    trained, scored, one_batch = [], [], []
     for _ in range(repeats):
         trained.append(seconds(train))
         scored.append(seconds(score))
+        if classification:
+            one_batch.append(seconds(score_one_batch))
     shares = [s / (t + s) for t, s in zip(trained, scored)]
-    return {"adversary_images": len(adversary), "test_images": len(test),
-            "train_epoch_s": trained, "score_s": scored, "score_share": shares}
+    out = {"adversary_images": len(adversary), "test_images": len(test),
+           "train_epoch_s": trained, "score_s": scored, "score_share": shares}
+    if classification:
+        model.eval()
+        with torch.no_grad():
+            whole = model(to_input(test.images, device))
+            chunked = torch.cat([model(to_input(test.images[i:i + SCORE_BATCH], device))
+                                 for i in range(0, len(test), SCORE_BATCH)])
+        out |= {"score_one_batch_s": one_batch, "one_batch_over_chunked": [o / s for o, s in zip(one_batch, scored)],
+                "same_logits": bool(torch.equal(whole, chunked))}
+    return out
 
 
 def main() -> None:
@@ -78,13 +95,20 @@ def main() -> None:
     summary = {row: {k: stats(v) if isinstance(v, list) else v for k, v in r.items()} for row, r in results.items()}
     Path(__file__).with_name("results_attack_epoch.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"threads {args.threads}, {args.repeats} repeats: median (min–max)")
-    print(f"{'':40} {'train epoch s':>22} {'score s':>22} {'score share':>20}")
+    print(f"{'':40} {'train epoch s':>22} {'score s':>22} {'score share':>20} {'score in one batch s':>22} "
+          f"{'one batch / chunked':>20}")
+
+    def cell(r, key, fmt):
+        if key not in r:
+            return "–"
+        return f"{r[key]['median']:{fmt}} ({r[key]['min']:{fmt}}–{r[key]['max']:{fmt}})"
+
     for row, r in summary.items():
-        cells = [f"{r[k]['median']:.3f} ({r[k]['min']:.3f}–{r[k]['max']:.3f})" for k in ("train_epoch_s", "score_s")]
-        share = r["score_share"]
-        share_cell = f"{share['median']:.0%} ({share['min']:.0%}–{share['max']:.0%})"
-        print(f"{row:40} {cells[0]:>22} {cells[1]:>22} {share_cell:>20}"
-              f"   [{r['adversary_images']} adversary, {r['test_images']} test images]")
+        same = "" if "same_logits" not in r else f", same logits: {r['same_logits']}"
+        print(f"{row:40} {cell(r, 'train_epoch_s', '.3f'):>22} {cell(r, 'score_s', '.3f'):>22} "
+              f"{cell(r, 'score_share', '.0%'):>20} {cell(r, 'score_one_batch_s', '.3f'):>22} "
+              f"{cell(r, 'one_batch_over_chunked', '.2f'):>20}"
+              f"   [{r['adversary_images']} adversary, {r['test_images']} test images{same}]")
 
 
 if __name__ == "__main__":

@@ -148,3 +148,23 @@ def test_bad_values_are_config_errors(key, value):
     with pytest.raises(ConfigError, match=key):
         AttackSettings(**{key: value})
     assert {f.name for f in dataclasses.fields(AttackSettings)} >= set(OFF)
+
+
+def test_scoring_in_chunks_counts_what_one_batch_counts():
+    """Every attack epoch ends with a score; it runs in chunks of SCORE_BATCH (faster on CPU), with a short last
+    chunk here, and must count exactly what one batch counts: the same logits' argmax against the labels."""
+    from sophon.train import SCORE_BATCH, evaluate_accuracy, to_input
+
+    data = load_domain("digits", DomainRequest(size=16))
+    test = data.subset(range(SCORE_BATCH + 37))
+    torch.manual_seed(0)
+    net = build_classifier("test_resnet", 10)
+    train_epochs(net, data.subset(range(300, 396)), torch.optim.SGD(net.parameters(), lr=0.05), epochs=1,
+                 batch_size=32, generator=torch.Generator().manual_seed(0))  # BN statistics off their init
+    net.eval()
+    with torch.no_grad():
+        predicted = net(to_input(test.images, CPU)).argmax(-1)
+    expected = 100.0 * (predicted == test.labels).sum().item() / len(test)
+    assert 0 < expected < 100  # a score that can differ
+    assert evaluate_accuracy(net, test, CPU) == expected
+    assert evaluate_accuracy(net, test, CPU, batch_size=len(test)) == expected
