@@ -55,5 +55,6 @@ rule stability:
     threads: job("stability", "threads")
     resources:
         **resources("stability"),
+    priority: 5  # 4 min that only the report waits on: run it among the searches, not alone at the end
     shell:
         stage("stability")
