@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from sophon import layout
 from sophon.config import experiment, load_params
+from sophon.data import ImageSet
+from sophon.data.splits import save_part, write_manifest
 from sophon.io import write_json
 from sophon.report.aggregate import ReportInputError, build_summary
 from stages import report as report_stage
@@ -83,6 +86,11 @@ def project(tmp_path, monkeypatch):
         write_json(layout.search_result(EXP, start), _search_doc(start, base))
     for model, acc in CARDS.items():
         write_json(layout.model_dir(EXP, model) / layout.CARD, {"original_test_accuracy": acc})
+    # The restricted test part (the report reads its majority-class share): 7 of 20 labels are 0, so 35 %.
+    part = layout.split_part(EXP, "restricted_test")
+    labels = torch.tensor([0] * 7 + list(range(1, 10)) + [1, 2, 3, 4])
+    save_part(ImageSet(torch.zeros(20, 3, 8, 8, dtype=torch.uint8), labels, tuple(str(c) for c in range(10))), part, {})
+    write_manifest(layout.split_manifest(EXP), {"restricted_test": part}, {})
     write_json(layout.history(EXP, "sophon"), {
         "settings": {"loops": 6, "lr": 1e-4, "alpha": 10.0}, "loop": list(range(1, 7)),
         "suppression_loss": [3.0, 2.5, float("nan"), 2.0, 1.8, 1.7], "normal_loss": [0.5] * 6,
@@ -247,3 +255,27 @@ def test_in_short_says_when_there_is_nothing_to_protect_and_reads_mse_the_right_
     assert in_short({}, "intact", "paper")[:2] == [
         "Something to protect: not measured (the search needs the original and the scratch start).",
         "Against the strongest searched attacker: no verdict (the search needs the scratch and Sophon starts)."]
+
+
+def test_failing_epochs_at_chance_level_are_named_and_still_fail(project):
+    """A failing epoch where Sophon's envelope is at or below the restricted test set's majority-class share (35 %
+    in the fixture) is named as at chance level; one above it is not; the verdict counts both."""
+    from sophon.report.search import in_short, majority_share, summarize, verdict_lines
+
+    assert majority_share(EXP) == pytest.approx(35.0)
+    search = experiment(load_params("params.yaml"), EXP)["search"]
+    # Epoch 0: Sophon 15 against scratch 11 (beyond the spread of ~1.4, at chance); epoch 3: 81 against 71 (above it).
+    docs = {start: _search_doc(start, base) for start, base in
+            {"scratch": SEARCH["scratch"], "original": SEARCH["original"], "sophon": [14, 20, 30, 80]}.items()}
+    e = summarize(docs, search, chance=majority_share(EXP))
+    assert e["holds"] is False and e["violations"] == [0, 3] and e["at_chance"] == [0]
+    assert e["chance_level"] == pytest.approx(35.0)
+    note = ("Of these, epoch 0 has Sophon's best attacker at or below 35.0%, the restricted test set's "
+            "majority-class share")
+    assert note in verdict_lines(e)[0] and note in in_short(e, "intact", "paper")[1]
+    assert "protection does NOT hold" in in_short(e, "intact", "paper")[1]
+    only_chance = summarize({**docs, "sophon": _search_doc("sophon", [14, 20, 30, 40])}, search, chance=35.0)
+    assert only_chance["violations"] == only_chance["at_chance"] == [0]
+    assert "Every epoch where it fails has Sophon's best attacker at or below 35.0%" in verdict_lines(only_chance)[0]
+    # Without a chance level (diffusion) nothing is named.
+    assert "at_chance" not in summarize(docs, search) and "majority-class" not in verdict_lines(summarize(docs, search))[0]

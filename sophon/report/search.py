@@ -16,18 +16,24 @@ def _seed_mean(curves: list[list[float]]) -> list[float]:
     return [sum(values) / len(values) for values in zip(*curves)]
 
 
-def _verdict(starts: dict, higher: bool) -> dict:
+def _verdict(starts: dict, higher: bool, chance: float | None = None) -> dict:
+    """Sophon against scratch. With `chance` (classification: the restricted test set's majority-class share, %),
+    `at_chance` lists the failing epochs where Sophon's envelope is at or below it: there the attacker's best model
+    scores no more than one answer for every image would. The verdict itself does not change."""
     verdict = env.holds(starts["sophon"], starts["scratch"], higher)
-    return {"advantage": env.advantage(starts["sophon"], starts["scratch"], higher), "holds": verdict["holds"],
-            "violations": verdict["violations"]}
+    out = {"advantage": env.advantage(starts["sophon"], starts["scratch"], higher), "holds": verdict["holds"],
+           "violations": verdict["violations"]}
+    if chance is not None:
+        out["at_chance"] = [x for x in verdict["violations"] if starts["sophon"]["mean"][x] <= chance]
+    return out
 
 
-def _judge(starts: dict, higher: bool, redteam: dict | None) -> dict:
+def _judge(starts: dict, higher: bool, redteam: dict | None, chance: float | None = None) -> dict:
     """The verdicts one set of envelopes gives: Sophon against scratch, the original's head start and the share of it
     removed, and whether each red-team attack is covered and beats scratch."""
     out = {}
     if "sophon" in starts and "scratch" in starts:
-        out.update(_verdict(starts, higher))
+        out.update(_verdict(starts, higher, chance))
     if "original" in starts and "scratch" in starts:
         out["head_start"] = env.head_start(starts["original"], starts["scratch"], higher)
         out["something_to_protect"] = out["head_start"]["something_to_protect"]
@@ -43,9 +49,11 @@ def _judge(starts: dict, higher: bool, redteam: dict | None) -> dict:
     return out
 
 
-def summarize(docs: dict[str, dict], search: dict, redteam: dict[str, dict] | None = None) -> dict:
+def summarize(docs: dict[str, dict], search: dict, redteam: dict[str, dict] | None = None, *,
+              chance: float | None = None) -> dict:
     """The `envelope` section of summary.json from the search documents of every start (`docs[start]`) and the
-    red-team suite's documents (`redteam[start]`, optional)."""
+    red-team suite's documents (`redteam[start]`, optional). `chance`: the restricted test set's majority-class
+    share in % (classification; `_verdict`), kept as `chance_level`."""
     higher = next(iter(docs.values()))["higher_is_better"]
     space = search["space"]
     starts, last = {}, {}
@@ -72,7 +80,9 @@ def summarize(docs: dict[str, dict], search: dict, redteam: dict[str, dict] | No
               "budget": {k: search[k] for k in ("trials", "halving", "coarse_epochs", "candidate_epochs", "coarse_seed",
                                                 "confirm_top", "candidate_top", "seeds") if k in search},
               "starts": starts}
-    result.update(_judge(starts, higher, redteam))
+    if chance is not None:
+        result["chance_level"] = chance
+    result.update(_judge(starts, higher, redteam, chance))
     if "sophon" in starts and "scratch" in starts:
         result["spread_rule"] = env.holds(starts["sophon"], starts["scratch"], higher)["rule"]
         # The same verdict judged at the last checkpoint of every run (no early stopping), for comparison.
@@ -86,7 +96,7 @@ def summarize(docs: dict[str, dict], search: dict, redteam: dict[str, dict] | No
         retested = {start: env.retest(starts[start], doc["retest"]["runs"], higher) for start, doc in docs.items()}
         seeds = {tuple(doc["retest"]["seeds"]) for doc in docs.values()}
         result["retest"] = {"seeds": list(seeds.pop()) if len(seeds) == 1 else None, "starts": retested,
-                            **_judge(retested, higher, redteam)}
+                            **_judge(retested, higher, redteam, chance)}
     result["slices"] = {axis: env.slice_table([{"start": s, "name": r["name"], "config": r["config"], "curve": r["curve"]}
                                                for s, d in docs.items() for r in d["coarse"] if len(r["curve"]) > 1],
                                               axis, higher)
@@ -171,6 +181,7 @@ def in_short(e: dict, intactness: str, paper_rule: str) -> list[str]:
         if h is not None and h["something_to_protect"] and shown:
             line += (" Share of the head start removed: "
                      + ", ".join(f"{share:.0%} at epoch {x}" for x, share in shown) + " (100%: as hard as scratch).")
+        line += chance_note(e, e)
         if e["holds"]:
             line += (" It judges this release, from one protect run: another protect seed releases another model, "
                      "which may not hold (README: the ablation by protect seed).")
@@ -181,7 +192,8 @@ def in_short(e: dict, intactness: str, paper_rule: str) -> list[str]:
                          f"best of many noisy means there, so its value is biased up): protection "
                          f"{'holds' if picked['holds'] else 'does not hold'}, largest gain {_signed(a['value'], higher)} "
                          f"{unit} (epoch {a['epoch']})"
-                         + ("." if picked["holds"] else f", beyond the spread at epochs {_epochs(picked['violations'])}."))
+                         + ("." if picked["holds"] else f", beyond the spread at epochs {_epochs(picked['violations'])}.")
+                         + chance_note(picked, picked))
     if e.get("redteam"):
         attacks = [(name, a) for per in e["redteam"].values() for name, a in per.items()]
         uncovered = [n for n, a in attacks if not a["vs_envelope"]["covered"]]
@@ -226,7 +238,8 @@ def verdict_line(e: dict) -> str:
     else:
         line = (f"{label}: protection does NOT hold against the strongest searched attacker: fine-tuning "
                 f"Sophon beats training from scratch beyond the seeds' spread at epochs {_epochs(e['violations'])} "
-                f"(largest gain {a['value']:+.4g} {unit} at epoch {a['epoch']}). Cost to reach {target}: {ratio}.")
+                f"(largest gain {a['value']:+.4g} {unit} at epoch {a['epoch']}). Cost to reach {target}: {ratio}."
+                + chance_note(e, e))
     if e.get("holds") and e.get("something_to_protect") is False:
         line += " (The original model has no head start here either: nothing was protected; see the head start.)"
     elif e.get("holds"):
@@ -263,13 +276,28 @@ def retest_line(e: dict) -> str | None:
     line = (f"Retest at held-out seeds {_seeds(r['seeds'] or [])}: every start's pick at each epoch (above) run again at "
             f"seeds that took no part in picking it. Protection {'HOLDS' if r['holds'] else 'does NOT hold'} there"
             + ("" if r["holds"] else f": beyond the seeds' spread at epochs {_epochs(r['violations'])}")
-            + f" (largest gain {a['value']:+.4g} {unit} at epoch {a['epoch']}). This is the claim: on the picking seeds "
-            f"each pick is the best of many noisy means, biased up, and more so for the start whose runs vary more.")
+            + f" (largest gain {a['value']:+.4g} {unit} at epoch {a['epoch']})." + chance_note(r, e)
+            + " This is the claim: on the picking seeds each pick is the best of many noisy means, biased up, and "
+            "more so for the start whose runs vary more.")
     if "head_start" in r:
         h = r["head_start"]
         line += (f" Head start there: up to {h['value']:+.4g} {unit} (epoch {h['epoch']}), beyond the spread at "
                  f"{len(h['beyond_spread'])} epochs.")
     return line
+
+
+def chance_note(verdict: dict, e: dict) -> str:
+    """A sentence on the failing epochs at chance level (`_verdict`'s `at_chance`), or ''. It explains a failure and
+    does not excuse it: the verdict stays as it is."""
+    at_chance = verdict.get("at_chance")
+    if verdict.get("holds") or not at_chance:
+        return ""
+    which = ("Every epoch where it fails" if len(at_chance) == len(verdict["violations"])
+             else f"Of these, epoch{'s' if len(at_chance) > 1 else ''} {_epochs(at_chance)}")
+    return (f" {which} has Sophon's best attacker at or below {e['chance_level']:.1f}%, the restricted test set's "
+            f"majority-class share: what answering one class for every image scores, so there the gain over scratch "
+            f"comes from which class a constant answer lands on, not from what the model reads in the images; "
+            f"the verdict counts it all the same.")
 
 
 def _epochs(epochs: list[int]) -> str:
@@ -393,6 +421,15 @@ def _redteam_blocks(e: dict, retest_seeds: list[int] | None = None) -> list:
                   "short probes (sophon.probe_epochs epochs) on the defender's data that picked the released checkpoint).")]
 
 
+def majority_share(experiment: str) -> float:
+    """The restricted test set's most frequent label's share, in %: the accuracy of one answer for every image."""
+    from sophon import layout
+    from sophon.data.splits import load_part
+
+    labels = load_part(layout.split_part(experiment, "restricted_test"), layout.split_manifest(experiment)).labels
+    return 100.0 * labels.bincount().max().item() / max(1, len(labels))
+
+
 def build(search: dict, experiment: str, out_dir: Path, epochs: list[int],
           redteam: dict | None = None) -> tuple[dict, Section, Path]:
     """Read every start's search result, summarise it, draw the envelope figure; return (envelope, section, figure).
@@ -404,7 +441,8 @@ def build(search: dict, experiment: str, out_dir: Path, epochs: list[int],
     docs = {start: read_input(layout.search_result(experiment, start)) for start in ["scratch", *search["starts"]]}
     suite = ({start: read_input(layout.redteam_result(experiment, start)) for start in redteam["starts"]}
              if redteam and redteam.get("attacks") else None)
-    summary = summarize(docs, search, suite)
+    higher = next(iter(docs.values()))["higher_is_better"]
+    summary = summarize(docs, search, suite, chance=majority_share(experiment) if higher else None)
     figure = Path(out_dir) / "envelope.png"
     figures.envelopes(summary, figure, ylabel=summary["metric"],
                       title=f"Attacker's envelope, {experiment}")

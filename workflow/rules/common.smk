@@ -126,4 +126,7 @@ def report_inputs(name):
         # mtimes; a retrained model reaches the report through the attack curves anyway.
         inputs["models"] = [ancient(p) for m in task(name).models() for p in model_inputs(name, m)]
         inputs["parts"] = [ancient(p) for p in split_inputs(name, "original_test", "restricted_test")]
+    else:
+        # The verdict names failing epochs at the restricted test set's majority-class share (chance level).
+        inputs["parts"] = [ancient(p) for p in split_inputs(name, "restricted_test")]
     return inputs
