@@ -19,7 +19,7 @@ from sophon.errors import ConfigError
 from sophon.features import stage_readout
 from sophon.io import read_json, write_json, write_text
 from sophon.protect import protect
-from sophon.report.search import claimed, summarize
+from sophon.report.search import claimed, majority_share, summarize
 from sophon.search import run_search
 from sophon.tasks import load_model, task_of
 from sophon.tracking import stage_run
@@ -42,24 +42,25 @@ def quality_name(task) -> str:
 
 
 def judged(exp: dict, sophon_doc: dict, scratch: dict, original: dict | None = None,
-           redteam: dict | None = None) -> dict:
+           redteam: dict | None = None, chance: float | None = None) -> dict:
     """The envelope verdict of a Sophon search against the pipeline's search from scratch (`scratch`), and with the
     original's search the share of its head start removed. With the red-team suite's attacks on the same model
     (`redteam`, as stages.redteam.run_suite returns them): the attacks the envelope does not cover and those beyond
     scratch, judged as the report judges them (against the retest's envelopes at the held-out seeds when the search
     has a retest), and the share removed against the worst case (at each epoch the stronger of the envelope and
-    every attack)."""
+    every attack). With `chance` (the report's chance level), `at_chance` lists the failing epochs at or below it."""
     docs = {"scratch": scratch, "sophon": sophon_doc, **({"original": original} if original else {})}
-    e = summarize(docs, exp["search"], {"sophon": {"attacks": redteam}} if redteam else None)
+    e = summarize(docs, exp["search"], {"sophon": {"attacks": redteam}} if redteam else None, chance=chance)
     gains, removed = e["advantage"]["per_epoch"], e.get("removed") or []
     result = {"holds": e["holds"], "violations": e["violations"], "max_gain": e["advantage"]["value"],
               "removed_at": at_epochs(removed),
               "max_gain_epoch": e["advantage"]["epoch"], "holds_last_checkpoint": e["last_checkpoint"]["holds"],
               "gain_at": at_epochs(gains), "cost_ratio": e["cost_ratio"],
-              "best_config": e["starts"]["sophon"]["best"]}
+              "best_config": e["starts"]["sophon"]["best"], **({"at_chance": e["at_chance"]} if "at_chance" in e else {})}
     r = e.get("retest")
     if r and "advantage" in r:  # the same verdict at the search's held-out seeds (the report's claim)
         result["retest"] = {"seeds": r["seeds"], "holds": r["holds"], "violations": r["violations"],
+                            **({"at_chance": r["at_chance"]} if "at_chance" in r else {}),
                             "max_gain": r["advantage"]["value"], "max_gain_epoch": r["advantage"]["epoch"],
                             "gain_at": at_epochs(r["advantage"]["per_epoch"]),
                             "removed_at": at_epochs(r.get("removed") or [])}
@@ -121,12 +122,17 @@ def run_variant(exp: dict, variant: str, device) -> None:
                   "search_seconds": document["seconds"], "selected_loop": history.selected_loop,
                   "averaged_loops": history.averaged_loops,
                   "intactness": intact, "search": document, "redteam_attacks": redteam, **readout,
-                  **judged(exp, document, *pipeline_searches(name), redteam)}
+                  **judged(exp, document, *pipeline_searches(name), redteam, chance_level(exp))}
         tracked.log_metrics({"protect_seconds": protect_seconds, "max_gain": result["max_gain"],
                              **{f"gain_at_{k}": v for k, v in result["gain_at"].items()}})
         write_json(layout.ablation_result(name, variant), result)
     print(f"ablation {name}/{variant} ({label}): protection {'holds' if result['holds'] else 'does NOT hold'}, "
           f"largest gain {result['max_gain']:+.4g} at epoch {result['max_gain_epoch']}")
+
+
+def chance_level(exp: dict) -> float | None:
+    """The restricted test set's majority-class share (classification), as the report names it; None for diffusion."""
+    return majority_share(exp["name"]) if task_of(exp).name == "classification" else None
 
 
 def pipeline_redteam(exp: dict) -> dict | None:
@@ -162,8 +168,9 @@ def table(exp: dict) -> None:
     task, name = task_of(exp), exp["name"]
     scratch, original_search = pipeline_searches(name)
     rows = [read_json(layout.ablation_result(name, v)) for v in exp["ablation"]["variants"]]
+    chance = chance_level(exp)
     for row in rows:  # judged again here, so the table follows the current verdict rules
-        row.update(judged(exp, row["search"], scratch, original_search, row.get("redteam_attacks")))
+        row.update(judged(exp, row["search"], scratch, original_search, row.get("redteam_attacks"), chance))
     card = read_json(layout.model_dir(name, "sophon") / layout.CARD)
     history = read_json(layout.history(name, "sophon"))
     original = read_json(layout.model_dir(name, "original") / layout.CARD)
@@ -172,7 +179,7 @@ def table(exp: dict) -> None:
                  "intactness": {"original": original.get(f"original_test_{quality_name(task)}"),
                                 "protected": card.get(f"original_test_{quality_name(task)}")},
                  **judged(exp, read_json(layout.search_result(name, "sophon")), scratch, original_search,
-                          pipeline_redteam(exp))})
+                          pipeline_redteam(exp), chance)})
     for row in rows:
         row.pop("search", None)
         row.pop("redteam_attacks", None)

@@ -60,6 +60,10 @@ def test_a_variant_is_judged_at_the_retest_seeds_too(exp):
                                                                      for k in (0, 1)]}}
     result = judged(exp, docs["sophon"], docs["scratch"], docs["original"])
     assert result["holds"] and result["retest"]["holds"] is False and result["retest"]["violations"] == [1, 2, 3]
+    assert "at_chance" not in result["retest"]
+    # With a chance level of 65 % the failing epoch 1 (Sophon at 61) is at it, epochs 2 and 3 (71, 81) are not.
+    at = judged(exp, docs["sophon"], docs["scratch"], docs["original"], chance=65.0)
+    assert at["retest"]["at_chance"] == [1] and at["at_chance"] == [] and at["retest"]["holds"] is False
     assert result["retest"]["seeds"] == [3, 4] and result["retest"]["gain_at"]["1"] == pytest.approx(10.0)
     assert result["retest"]["removed_at"]["1"] == pytest.approx((71 - 61) / 20)
     # A red-team attack at 41/51/61 (seed means) beats Sophon's picking envelope (21/31/41) but not its retest

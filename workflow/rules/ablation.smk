@@ -33,6 +33,8 @@ rule ablation_table:
         lambda w: [str(layout.search_result(w.experiment, s)) for s in ("scratch", "original")
                    if s == "scratch" or "original" in exp(w)["search"]["starts"]],
         lambda w: [p for p in redteam_outputs(w.experiment) if p == str(layout.redteam_result(w.experiment, "sophon"))],
+        # classification: the verdict names failing epochs at the restricted test set's majority-class share
+        lambda w: split_inputs(w.experiment, "restricted_test") if exp(w)["task"] == "classification" else [],
         state=dvc_state("ablation_table", lambda w: exp(w)["ablation"]),
     output:
         str(layout.ablation_table("{experiment}")),
