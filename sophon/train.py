@@ -100,8 +100,8 @@ def endless_batches(data: ImageSet, batch_size: int, generator: torch.Generator)
     return BatchStream(data, batch_size, generator)
 
 
-# Scoring batch: on CPU 1,000 images in one batch took 1.5-2.3x as long as in chunks of 256, with the same logits bit
-# for bit in eval mode (benchmarks/attack_epoch.py).
+# Scoring batch: on CPU 1,000 images in one batch took 1.4-1.5x as long (medians) as in chunks of 256, with the same
+# logits bit for bit in eval mode (benchmarks/attack_epoch.py).
 SCORE_BATCH = 256
 
 
