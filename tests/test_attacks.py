@@ -156,12 +156,18 @@ def test_scoring_in_chunks_counts_what_one_batch_counts():
     from sophon.train import SCORE_BATCH, evaluate_accuracy, to_input
 
     data = load_domain("digits", DomainRequest(size=16))
-    test = data.subset(range(SCORE_BATCH + 37))
     torch.manual_seed(0)
     net = build_classifier("test_resnet", 10)
     train_epochs(net, data.subset(range(300, 396)), torch.optim.SGD(net.parameters(), lr=0.05), epochs=1,
                  batch_size=32, generator=torch.Generator().manual_seed(0))  # BN statistics off their init
     net.eval()
+    pool = data.subset([*range(300), *range(396, 900)])
+    with torch.no_grad():
+        top2 = net(to_input(pool.images, CPU)).topk(2, -1).values
+    # Only images whose top two logits are clearly apart: a CPU that rounds a batch's sums otherwise cannot flip them.
+    clear = ((top2[:, 0] - top2[:, 1]) > 1e-3).nonzero().flatten()[:SCORE_BATCH + 37].tolist()
+    assert len(clear) == SCORE_BATCH + 37
+    test = pool.subset(clear)
     with torch.no_grad():
         predicted = net(to_input(test.images, CPU)).argmax(-1)
     expected = 100.0 * (predicted == test.labels).sum().item() / len(test)
