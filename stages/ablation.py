@@ -19,7 +19,7 @@ from sophon.errors import ConfigError
 from sophon.features import stage_readout
 from sophon.io import read_json, write_json, write_text
 from sophon.protect import protect
-from sophon.report.search import claimed, majority_share, summarize
+from sophon.report.search import claimed, majority_share, restricted_chance, summarize
 from sophon.search import run_search
 from sophon.tasks import load_model, task_of
 from sophon.tracking import stage_run
@@ -122,7 +122,7 @@ def run_variant(exp: dict, variant: str, device) -> None:
                   "search_seconds": document["seconds"], "selected_loop": history.selected_loop,
                   "averaged_loops": history.averaged_loops,
                   "intactness": intact, "search": document, "redteam_attacks": redteam, **readout,
-                  **judged(exp, document, *pipeline_searches(name), redteam, chance_level(exp))}
+                  **judged(exp, document, *pipeline_searches(name), redteam, chance_level(exp, restricted_test))}
         tracked.log_metrics({"protect_seconds": protect_seconds, "max_gain": result["max_gain"],
                              **{f"gain_at_{k}": v for k, v in result["gain_at"].items()}})
         write_json(layout.ablation_result(name, variant), result)
@@ -130,9 +130,12 @@ def run_variant(exp: dict, variant: str, device) -> None:
           f"largest gain {result['max_gain']:+.4g} at epoch {result['max_gain_epoch']}")
 
 
-def chance_level(exp: dict) -> float | None:
-    """The restricted test set's majority-class share (classification), as the report names it; None for diffusion."""
-    return majority_share(exp["name"]) if task_of(exp).name == "classification" else None
+def chance_level(exp: dict, restricted_test=None) -> float | None:
+    """The restricted test set's majority-class share (classification), as the report names it; None for diffusion.
+    From `restricted_test` when it is loaded already, else from the split."""
+    if task_of(exp).name != "classification":
+        return None
+    return majority_share(restricted_test.labels) if restricted_test is not None else restricted_chance(exp["name"])
 
 
 def pipeline_redteam(exp: dict) -> dict | None:

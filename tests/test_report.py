@@ -260,14 +260,14 @@ def test_in_short_says_when_there_is_nothing_to_protect_and_reads_mse_the_right_
 def test_failing_epochs_at_chance_level_are_named_and_still_fail(project):
     """A failing epoch where Sophon's envelope is at or below the restricted test set's majority-class share (35 %
     in the fixture) is named as at chance level; one above it is not; the verdict counts both."""
-    from sophon.report.search import in_short, majority_share, summarize, verdict_lines
+    from sophon.report.search import in_short, restricted_chance, summarize, verdict_lines
 
-    assert majority_share(EXP) == pytest.approx(35.0)
+    assert restricted_chance(EXP) == pytest.approx(35.0)
     search = experiment(load_params("params.yaml"), EXP)["search"]
     # Epoch 0: Sophon 15 against scratch 11 (beyond the spread of ~1.4, at chance); epoch 3: 81 against 71 (above it).
     docs = {start: _search_doc(start, base) for start, base in
             {"scratch": SEARCH["scratch"], "original": SEARCH["original"], "sophon": [14, 20, 30, 80]}.items()}
-    e = summarize(docs, search, chance=majority_share(EXP))
+    e = summarize(docs, search, chance=restricted_chance(EXP))
     assert e["holds"] is False and e["violations"] == [0, 3] and e["at_chance"] == [0]
     assert e["chance_level"] == pytest.approx(35.0)
     note = ("Of these, epoch 0 has Sophon's best attacker at or below 35.0%, the restricted test set's "

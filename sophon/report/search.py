@@ -421,13 +421,18 @@ def _redteam_blocks(e: dict, retest_seeds: list[int] | None = None) -> list:
                   "short probes (sophon.probe_epochs epochs) on the defender's data that picked the released checkpoint).")]
 
 
-def majority_share(experiment: str) -> float:
-    """The restricted test set's most frequent label's share, in %: the accuracy of one answer for every image."""
+def majority_share(labels) -> float:
+    """The most frequent label's share, in %: the accuracy of one answer for every image."""
+    return 100.0 * labels.bincount().max().item() / max(1, len(labels))
+
+
+def restricted_chance(experiment: str) -> float:
+    """The chance level of an experiment's restricted test set (`majority_share`), read from its split."""
     from sophon import layout
     from sophon.data.splits import load_part
 
-    labels = load_part(layout.split_part(experiment, "restricted_test"), layout.split_manifest(experiment)).labels
-    return 100.0 * labels.bincount().max().item() / max(1, len(labels))
+    return majority_share(load_part(layout.split_part(experiment, "restricted_test"),
+                                    layout.split_manifest(experiment)).labels)
 
 
 def build(search: dict, experiment: str, out_dir: Path, epochs: list[int],
@@ -442,7 +447,7 @@ def build(search: dict, experiment: str, out_dir: Path, epochs: list[int],
     suite = ({start: read_input(layout.redteam_result(experiment, start)) for start in redteam["starts"]}
              if redteam and redteam.get("attacks") else None)
     higher = next(iter(docs.values()))["higher_is_better"]
-    summary = summarize(docs, search, suite, chance=majority_share(experiment) if higher else None)
+    summary = summarize(docs, search, suite, chance=restricted_chance(experiment) if higher else None)
     figure = Path(out_dir) / "envelope.png"
     figures.envelopes(summary, figure, ylabel=summary["metric"],
                       title=f"Attacker's envelope, {experiment}")
