@@ -45,17 +45,19 @@ def close(a, b, rtol):
     return (a - b).norm() <= rtol * a.norm() + 1e-12
 
 
-@pytest.mark.parametrize("optimizer,engine", [("adam", "fold"), ("momentum", "fold"), ("adam", "vmap")])
-def test_batched_adversaries_equal_one_at_a_time(digits, optimizer, engine, rtol=1e-5):
+@pytest.mark.parametrize("optimizer,engine,suppression", [("adam", "fold", "ice"), ("momentum", "fold", "ice"),
+                                                         ("adam", "vmap", "ice"), ("adam", "vmap", "ice_balanced")])
+def test_batched_adversaries_equal_one_at_a_time(digits, optimizer, engine, suppression, rtol=1e-5):
     net = model()
+    objective = ClassificationObjective(suppression)
     lr = {"adam": 1e-3, "momentum": 1e-2}[optimizer]
     # direct+all and initFC+all train the same tensors: one batch, the head's start and targets per adversary.
     tasks = [SimulatedTask("direct", optimizer, lr, 16, seed=1), SimulatedTask("initFC", optimizer, lr, 16, seed=2),
              SimulatedTask("initFC+all", optimizer, lr, 16, schedule="constant", seed=3)]
-    alone = adversaries(net, digits, tasks)
-    runners = group_adversaries(adversaries(net, digits, tasks))
+    alone = adversaries(net, digits, tasks, objective)
+    runners = group_adversaries(adversaries(net, digits, tasks, objective))
     assert len(runners) == 1 and isinstance(runners[0], AdversaryBatch)
-    batch = runners[0] if engine == "fold" else AdversaryBatch(adversaries(net, digits, tasks), engine="vmap")
+    batch = runners[0] if engine == "fold" else AdversaryBatch(adversaries(net, digits, tasks, objective), engine="vmap")
     for loop in range(2):  # two runs of persistent adversaries: the second follows a change of the released weights
         # The same batches for both, drawn once: the comparison does not rest on the generators agreeing.
         drawn = [a.draw(4, 2) for a in alone]

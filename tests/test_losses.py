@@ -51,6 +51,37 @@ def test_ice_gradient_vanishes_as_p_y_goes_to_zero_and_stays_finite():
     assert norms == sorted(norms, reverse=True) and norms[-1] < 1e-50
 
 
+def test_balanced_ice_value_and_gradient_match_closed_form():
+    z, y = logits_and_labels(n=9, c=4, seed=3)
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2])  # class 3 absent: the mean runs over the batch's 3 classes
+    p = z.softmax(-1)
+    p_y = p.gather(1, y[:, None])
+    ice = -torch.log(1 - p_y).squeeze(1)
+    per_class = [ice[y == k].mean() for k in (0, 1, 2)]
+    assert torch.isclose(get_loss("ice_balanced")(z, y), sum(per_class) / 3)
+    weight = torch.tensor([1 / 12] * 4 + [1 / 6] * 2 + [1 / 9] * 3, dtype=torch.float64)[:, None]  # 1/(n_y · 3)
+    expected = weight * p_y / (1 - p_y) * (F.one_hot(y, 4) - p)
+    assert torch.allclose(grad_of("ice_balanced", z, y), expected, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: get_loss("ice_balanced")(t, y), z.clone().requires_grad_(True))
+
+
+def test_balanced_ice_equals_ice_on_a_balanced_batch():
+    z, _ = logits_and_labels(n=8, c=4, seed=1)
+    y = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    assert torch.isclose(get_loss("ice_balanced")(z, y), get_loss("ice")(z, y))
+
+
+def test_ice_pulls_an_input_blind_answer_to_the_rarest_class_and_balanced_ice_does_not():
+    # Uniform logits, class 3 rarest: ICE's gradient is (share − u)/(C − 1) (Eq. 12 at p = u), so a descent step
+    # raises the rarest class's logit; balanced ICE's gradient there is zero.
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3])
+    z = torch.zeros(len(y), 4, dtype=torch.float64)
+    share = torch.tensor([0.3, 0.3, 0.3, 0.1], dtype=torch.float64)
+    assert torch.allclose(grad_of("ice", z, y).sum(0), (share - 0.25) / 3, atol=1e-12)
+    assert grad_of("ice", z, y).sum(0).argmin() == 3
+    assert torch.allclose(grad_of("ice_balanced", z, y).sum(0), torch.zeros(4, dtype=torch.float64), atol=1e-12)
+
+
 def test_klu_value_and_gradient_match_closed_form():
     z, y = logits_and_labels()
     p = z.softmax(-1)
