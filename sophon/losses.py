@@ -45,13 +45,13 @@ def inverse_cross_entropy(logits, labels):
 @register_loss("ice_balanced")
 def class_balanced_inverse_cross_entropy(logits, labels):
     """ICE with every class in the batch weighing the same: the mean over the batch's classes of each class's mean
-    −log(1 − p_y), i.e. sample i weighs 1 / (n_{y_i} · K_b) with n_k the batch's count of class k and K_b its classes.
+    −log(1 − p_y), i.e. sample i weighs 1 / (n_{y_i} · K_b), n_k the batch's count of class k, K_b its classes.
 
-    Why: plain ICE's best answer that ignores the input is q_k = 1 − (C − 1)·n_k/N, so it turns a small imbalance of
-    the defender's labels into a (C − 1)-fold pull towards the rarest class (9.6 % of the quick profile's defender digits → q
-    13.6 %, against 6.4 % for its most common class at 10.4 %), a class the released model then answers for every restricted input. With equal class
-    weights that answer is uniform. Gradient w.r.t. z_i: w_i·p_y/(1−p_y)·(onehot(y) − p) (Eq. 12, weighted).
-    One-hot arithmetic only, so it runs under torch.func.vmap (sophon.simulate)."""
+    Why: plain ICE's best answer that ignores the input is q_k = 1 − (C − 1)·n_k/N, so a small imbalance of the
+    defender's labels becomes a (C − 1)-fold pull towards its rarest class (the quick profile's defender digits: 3 at
+    9.6 % → q 13.6 %, against 6.4 % for its most common class at 10.4 %). With equal class weights that answer is
+    uniform. Gradient w.r.t. z_i: w_i·p_y/(1−p_y)·(onehot(y) − p) (Eq. 12, weighted). One-hot arithmetic only, so
+    it runs under torch.func.vmap (sophon.simulate)."""
     onehot = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
     masked = logits.masked_fill(onehot.bool(), float("-inf"))
     per_sample = torch.logsumexp(logits, -1) - torch.logsumexp(masked, -1)

@@ -57,7 +57,8 @@ def test_batched_adversaries_equal_one_at_a_time(digits, optimizer, engine, supp
     alone = adversaries(net, digits, tasks, objective)
     runners = group_adversaries(adversaries(net, digits, tasks, objective))
     assert len(runners) == 1 and isinstance(runners[0], AdversaryBatch)
-    batch = runners[0] if engine == "fold" else AdversaryBatch(adversaries(net, digits, tasks, objective), engine="vmap")
+    batch = (runners[0] if engine == "fold"
+             else AdversaryBatch(adversaries(net, digits, tasks, objective), engine="vmap"))
     for loop in range(2):  # two runs of persistent adversaries: the second follows a change of the released weights
         # The same batches for both, drawn once: the comparison does not rest on the generators agreeing.
         drawn = [a.draw(4, 2) for a in alone]
