@@ -39,7 +39,7 @@ def restricted_accuracy(summary: dict, path) -> None:
             std = np.array([stats[str(e)]["std"] for e in epochs])
             ax.plot(epochs, mean, color=COLORS[start], label=LABELS[start], lw=1.6)
             ax.fill_between(epochs, mean - std, mean + std, color=COLORS[start], alpha=0.18, lw=0)
-        ax.axhline(summary["chance_accuracy"], color="black", ls="--", lw=1, label="chance")
+        ax.axhline(summary["chance_accuracy"], color="black", ls="--", lw=1, label="1 / classes")
         ax.set(title=f"{name} ({entry['strategy']}, lr {entry['lr']})", xlabel="fine-tuning epoch")
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -104,7 +104,8 @@ def verdict_lines(summary: dict) -> list[str]:
         lines.append(f"NTL under {n['attack']}: {n['before_finetune']:.1f}% before fine-tuning, {n['after_finetune']:.1f}% "
                      f"after; fine-tuning {'recovers' if n['recovered'] else 'does not recover'} it "
                      f"(recovered = {n['recovered_rule']}).")
-    lines.append(f"Chance level: {chance:.1f}%.")
+    # 1/classes; the envelope's chance level (beside its verdict) is the test set's majority-class share instead.
+    lines.append(f"Uniform guess (1 / classes): {chance:.1f}%.")
     return lines
 
 
@@ -131,7 +132,8 @@ def build_document(summary: dict, epochs, images: dict[str, Path]) -> Document:
     """The report: verdicts, intactness, per-attack tables, sweep, protection and NTL training runs."""
     seeds = _epochs(summary["seeds"])
     intro = (f"Experiment {summary['experiment']}. Attack seeds {seeds}: every restricted-domain number is mean ± std "
-             f"over these seeds, std being the {summary['std']}. Chance level {summary['chance_accuracy']:.1f}%.")
+             f"over these seeds, std being the {summary['std']}. "
+             f"Uniform guess (1 / classes) {summary['chance_accuracy']:.1f}%.")
     sections = [Section("Verdicts", [intro, Bullets(verdict_lines(summary))])]
     sections.append(Section("Intactness (original-domain test accuracy)", [Table(
         ["Model", "Original-domain accuracy (%)"],
