@@ -38,8 +38,12 @@ def cross_entropy(logits, labels):
 def inverse_cross_entropy(logits, labels):
     """ICE = −log(1 − p_y) (paper Eq. 11), computed stably as logsumexp(z) − logsumexp(z without z_y).
     Gradient w.r.t. z: p_y/(1−p_y)·(onehot(y) − p) (Eq. 12); it vanishes as p_y → 0, so suppression converges."""
-    masked = logits.masked_fill(F.one_hot(labels, logits.shape[-1]).bool(), float("-inf"))
-    return (torch.logsumexp(logits, -1) - torch.logsumexp(masked, -1)).mean()
+    return _ice_terms(logits, F.one_hot(labels, logits.shape[-1]).bool()).mean()
+
+
+def _ice_terms(logits, is_label):
+    """Per sample −log(1 − p_y) = logsumexp(z) − logsumexp(z without z_y); `is_label`: y's one-hot mask."""
+    return torch.logsumexp(logits, -1) - torch.logsumexp(logits.masked_fill(is_label, float("-inf")), -1)
 
 
 @register_loss("ice_balanced")
@@ -52,12 +56,11 @@ def class_balanced_inverse_cross_entropy(logits, labels):
     9.6 % → q 13.6 %, against 6.4 % for its most common class at 10.4 %). With equal class weights that answer is
     uniform. Gradient w.r.t. z_i: w_i·p_y/(1−p_y)·(onehot(y) − p) (Eq. 12, weighted). One-hot arithmetic only, so
     it runs under torch.func.vmap (sophon.simulate)."""
-    onehot = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
-    masked = logits.masked_fill(onehot.bool(), float("-inf"))
-    per_sample = torch.logsumexp(logits, -1) - torch.logsumexp(masked, -1)
+    is_label = F.one_hot(labels, logits.shape[-1]).bool()
+    onehot = is_label.to(logits.dtype)
     counts = onehot.sum(0)
     weights = 1.0 / ((onehot * counts).sum(-1) * (counts > 0).sum())
-    return (weights * per_sample).sum()
+    return (weights * _ice_terms(logits, is_label)).sum()
 
 
 @register_loss("klu")
