@@ -5,7 +5,12 @@ judged against the pipeline's searches from scratch and from the original. `--ta
 pipeline's own Sophon model side by side.
 
     python -m stages.ablation --experiment quick-classification --variant paper
+    python -m stages.ablation --experiment quick-classification --variant paper --retest
     python -m stages.ablation --experiment quick-classification --table
+
+`--retest` judges a variant that already ran at the config's current `search.retest_seeds`, without protecting again:
+its saved model meets the same search, whose run cache serves every picking run, so only the new retests train.
+Set the seeds, `make run` (the pipeline's searches retest there too), then retest each variant.
 
 Not part of `snakemake` (the default target): `snakemake ablation` runs it, `dvc repro workflow/ablation/dvc.yaml` too.
 """
@@ -39,6 +44,11 @@ def at_epochs(values: list) -> dict:
 def quality_name(task) -> str:
     """The key of the original-domain quality on checkpoint cards: accuracy or MSE."""
     return "accuracy" if task.metric.endswith("accuracy") else "mse"
+
+
+# What `judged` writes into a variant's result: the verdict, judged again by --retest and --table.
+VERDICT_KEYS = ("holds", "violations", "max_gain", "removed_at", "max_gain_epoch", "holds_last_checkpoint", "gain_at",
+                "cost_ratio", "best_config", "at_chance", "retest", "redteam", "worst_removed_at")
 
 
 def judged(exp: dict, sophon_doc: dict, scratch: dict, original: dict | None = None,
@@ -85,12 +95,17 @@ def worst_case(envelope: dict, attack_means: list[list[float]], higher_is_better
     return {**envelope, "mean": mean}
 
 
-def run_variant(exp: dict, variant: str, device) -> None:
-    task, name = task_of(exp), exp["name"]
+def variant_changes(exp: dict, variant: str) -> dict:
+    """The overrides of the experiment's `sophon` section that `variant` names."""
     variants = exp["ablation"]["variants"]
     if variant not in variants:
-        raise ConfigError(f"--variant {variant!r} is not in {name}.ablation.variants: {', '.join(variants)}")
-    changes = variants[variant]
+        raise ConfigError(f"--variant {variant!r} is not in {exp['name']}.ablation.variants: {', '.join(variants)}")
+    return variants[variant]
+
+
+def run_variant(exp: dict, variant: str, device) -> None:
+    task, name = task_of(exp), exp["name"]
+    changes = variant_changes(exp, variant)
     original_train, original_val, original_test, defender, adversary, restricted_test = parts(
         exp, "original_train", "original_val", "original_test", "defender", "adversary", "restricted_test")
     model, card = load_model(exp, "original", device)
@@ -206,6 +221,8 @@ def table(exp: dict) -> None:
         holds = "yes" if r["holds"] else f"no ({len(r['violations'])})"
         if r.get("retest"):
             holds += f"; at held-out seeds {'yes' if r['retest']['holds'] else 'no (%d)' % len(r['retest']['violations'])}"
+            if r["retest"]["seeds"] is None:  # its retest ran at other seeds than the pipeline's: judged across them
+                holds += " (other seeds than the pipeline's: --retest)"
         lines.append(f"| {r['variant']} | {r['name']} | {holds} | "
                      f"{'yes' if r['holds_last_checkpoint'] else 'no'} | "
                      + "".join(f"{at[str(k)]:+.4g} | " if str(k) in at else "– | " for k in AT_EPOCHS)
@@ -220,15 +237,66 @@ def table(exp: dict) -> None:
     print("\n".join(lines))
 
 
+def retestable(exp: dict, variant: str) -> dict:
+    """The saved result of `variant`, when its model can be judged again: it ran, under the settings it has now."""
+    name, changes = exp["name"], variant_changes(exp, variant)
+    path = layout.ablation_result(name, variant)
+    if not path.exists():
+        raise ConfigError(f"--retest: {name}.ablation.variants.{variant} has not run (no {path}): run it without "
+                          f"--retest first")
+    row = read_json(path)
+    if row["changes"] != changes:
+        raise ConfigError(f"--retest: key '{name}.ablation.variants.{variant}' changed since its model was protected "
+                          f"({row['changes']} then): run it without --retest")
+    return row
+
+
+def rejudged(exp: dict, row: dict, document: dict, scratch: dict, original: dict | None,
+             chance: float | None) -> dict:
+    """`row` (a variant's saved result) with the search `document` in place of its own and the verdict judged again,
+    with the red-team attacks it met; the protect run's numbers (time, intactness, readout) stay."""
+    kept = {k: v for k, v in row.items() if k not in VERDICT_KEYS}
+    return {**kept, "search": document, "search_seconds": document.get("seconds"),
+            **judged(exp, document, scratch, original, row.get("redteam_attacks"), chance)}
+
+
+def retest_variant(exp: dict, variant: str, device) -> None:
+    """Search the saved model of `variant` again at the config's retest seeds (stages.ablation --retest)."""
+    task, name = task_of(exp), exp["name"]
+    row = retestable(exp, variant)
+    adversary, restricted_test = parts(exp, "adversary", "restricted_test")
+    objective = task.objective({**exp, "sophon": {**exp["sophon"], **row["changes"]}}, device)
+    start = layout.ablation_model(name, variant)
+    began = time.perf_counter()
+    document = run_search(start_builder(exp, start, device), objective, adversary, restricted_test, exp["search"],
+                          start="sophon", device=device, cache=run_cache(exp, start, objective))
+    document.update(experiment=name, seconds=time.perf_counter() - began)
+    same = {k: e["curves"] for k, e in document["confirmed"].items()} == {
+        k: e["curves"] for k, e in row["search"]["confirmed"].items()}
+    result = rejudged(exp, row, document, *pipeline_searches(name), chance_level(exp, restricted_test))
+    write_json(layout.ablation_result(name, variant), result)
+    retest = result.get("retest") or {}
+    print(f"ablation {name}/{variant}: retest at seeds {retest.get('seeds')}: protection "
+          f"{'holds' if retest.get('holds') else 'does NOT hold'}"
+          + (f", largest gain {retest['max_gain']:+.4g} at epoch {retest['max_gain_epoch']}" if retest else "")
+          + ("" if same else " (the picking runs differ from the variant's first search: the search design changed)"))
+
+
 def main() -> None:
     p = parser(__doc__)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--variant", help="one variant of the experiment's ablation.variants")
     which.add_argument("--table", action="store_true", help="collect the variants into one table")
+    p.add_argument("--retest", action="store_true",
+                   help="with --variant: judge its saved model at the current search.retest_seeds, not protect again")
     args = p.parse_args()
+    if args.retest and args.table:
+        p.error("--retest goes with --variant, not --table")
     exp, device = setup(args)
     if args.table:
         table(exp)
+    elif args.retest:
+        retest_variant(exp, args.variant, device)
     else:
         run_variant(exp, args.variant, device)
 

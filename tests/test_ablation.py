@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from sophon.config import experiment, load_params
-from stages.ablation import judged, redteam_cell, worst_case, worst_cell
+from sophon import layout
+from sophon.errors import ConfigError
+from sophon.io import write_json
+from stages.ablation import judged, redteam_cell, rejudged, retestable, worst_case, worst_cell
 from tests.test_report import SEARCH, SEEDS, _search_doc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +78,43 @@ def test_a_variant_is_judged_at_the_retest_seeds_too(exp):
     without_retest = {start: {k: v for k, v in doc.items() if k != "retest"} for start, doc in docs.items()}
     picked = judged(exp, without_retest["sophon"], without_retest["scratch"], without_retest["original"], between)
     assert picked["redteam"]["uncovered"] == ["between"]  # against the picking seeds' envelope it is not covered
+
+
+def _retested(docs: dict, start: str, seeds: list[int], sophon_again: list[float]) -> dict:
+    again = {**SEARCH, "sophon": sophon_again}
+    return {**docs[start], "retest": {"seeds": seeds, "runs": {"cfg-a": [[v + k * 2 for v in again[start]]
+                                                                         for k in (0, 1)]}}}
+
+
+def test_retest_judges_a_variant_again_and_keeps_its_protect_run(exp):
+    docs = {start: _search_doc(start, SEARCH[start]) for start in ("scratch", "original", "sophon")}
+    first = {s: _retested(docs, s, [3, 4], [10, 60, 70, 80]) for s in docs}  # fails at the first retest seeds
+    red = {"weak": {"settings": {}, "held_out": False, "seeds": SEEDS, "curves": [[10, 12, 13, 14]] * 2}}
+    row = {"variant": "v", "changes": {"alpha": 3.0}, "protect_seconds": 12.0, "intactness": {"protected": 90.0},
+           "search": first["sophon"], "redteam_attacks": red,
+           **judged(exp, first["sophon"], first["scratch"], first["original"], red)}
+    assert row["retest"]["holds"] is False and row["retest"]["seeds"] == [3, 4]
+    again = {s: _retested(docs, s, [5, 6], [10, 20, 30, 40]) for s in docs}  # Sophon's pick retests as picked
+    new = rejudged(exp, row, again["sophon"], again["scratch"], again["original"], None)
+    assert new["retest"]["holds"] is True and new["retest"]["seeds"] == [5, 6] and new["search"] is again["sophon"]
+    assert {k: new[k] for k in ("variant", "changes", "protect_seconds", "intactness", "redteam_attacks")} == {
+        k: row[k] for k in ("variant", "changes", "protect_seconds", "intactness", "redteam_attacks")}
+    assert new["redteam"] == {"attacks": 1, "uncovered": [], "above_scratch": []}  # the attacks it met, judged again
+    assert new == {**new, **judged(exp, again["sophon"], again["scratch"], again["original"], red)}
+    # Against a pipeline still at the old seeds the starts' seeds differ, and the verdict says so (no common seeds).
+    mixed = rejudged(exp, row, again["sophon"], first["scratch"], first["original"], None)
+    assert mixed["retest"]["seeds"] is None
+
+
+def test_retest_refuses_a_variant_that_has_not_run_or_has_changed(exp, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exp = {**exp, "ablation": {**exp["ablation"], "variants": {"v": {"alpha": 3.0}}}}
+    with pytest.raises(ConfigError, match="'nope' is not in quick-classification.ablation.variants"):
+        retestable(exp, "nope")
+    with pytest.raises(ConfigError, match="variants.v has not run"):
+        retestable(exp, "v")
+    write_json(layout.ablation_result(exp["name"], "v"), {"variant": "v", "changes": {"alpha": 3.0}})
+    assert retestable(exp, "v")["changes"] == {"alpha": 3.0}
+    changed = {**exp, "ablation": {**exp["ablation"], "variants": {"v": {"alpha": 5.0}}}}
+    with pytest.raises(ConfigError, match="key 'quick-classification.ablation.variants.v' changed"):
+        retestable(changed, "v")
