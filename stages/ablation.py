@@ -240,6 +240,8 @@ def table(exp: dict) -> None:
 def retestable(exp: dict, variant: str) -> dict:
     """The saved result of `variant`, when its model can be judged again: it ran, under the settings it has now."""
     name, changes = exp["name"], variant_changes(exp, variant)
+    if not exp["search"].get("retest_seeds"):
+        raise ConfigError(f"--retest: key '{name}.search.retest_seeds' is empty: name the seeds to judge at")
     path = layout.ablation_result(name, variant)
     if not path.exists():
         raise ConfigError(f"--retest: {name}.ablation.variants.{variant} has not run (no {path}): run it without "
@@ -267,18 +269,22 @@ def retest_variant(exp: dict, variant: str, device) -> None:
     adversary, restricted_test = parts(exp, "adversary", "restricted_test")
     objective = task.objective({**exp, "sophon": {**exp["sophon"], **row["changes"]}}, device)
     start = layout.ablation_model(name, variant)
-    began = time.perf_counter()
-    document = run_search(start_builder(exp, start, device), objective, adversary, restricted_test, exp["search"],
-                          start="sophon", device=device, cache=run_cache(exp, start, objective))
-    document.update(experiment=name, seconds=time.perf_counter() - began)
+    seeds = list(exp["search"]["retest_seeds"])
+    with stage_run("ablation", name, name=f"ablation/{variant}/retest", params={"variant": variant,
+                                                                            "retest_seeds": seeds}) as tracked:
+        began = time.perf_counter()
+        document = run_search(start_builder(exp, start, device), objective, adversary, restricted_test,
+                              exp["search"], start="sophon", device=device, cache=run_cache(exp, start, objective))
+        document.update(experiment=name, seconds=time.perf_counter() - began)
+        result = rejudged(exp, row, document, *pipeline_searches(name), chance_level(exp, restricted_test))
+        retest = result["retest"]
+        tracked.log_metrics({"retest_holds": float(retest["holds"]), "retest_max_gain": retest["max_gain"]})
+        write_json(layout.ablation_result(name, variant), result)
     same = {k: e["curves"] for k, e in document["confirmed"].items()} == {
         k: e["curves"] for k, e in row["search"]["confirmed"].items()}
-    result = rejudged(exp, row, document, *pipeline_searches(name), chance_level(exp, restricted_test))
-    write_json(layout.ablation_result(name, variant), result)
-    retest = result.get("retest") or {}
-    print(f"ablation {name}/{variant}: retest at seeds {retest.get('seeds')}: protection "
-          f"{'holds' if retest.get('holds') else 'does NOT hold'}"
-          + (f", largest gain {retest['max_gain']:+.4g} at epoch {retest['max_gain_epoch']}" if retest else "")
+    print(f"ablation {name}/{variant}: retest at seeds {retest['seeds'] or seeds}: protection "
+          f"{'holds' if retest['holds'] else 'does NOT hold'}, largest gain {retest['max_gain']:+.4g} at epoch "
+          f"{retest['max_gain_epoch']}"
           + ("" if same else " (the picking runs differ from the variant's first search: the search design changed)"))
 
 

@@ -113,6 +113,9 @@ def test_retest_refuses_a_variant_that_has_not_run_or_has_changed(exp, tmp_path,
         retestable(exp, "nope")
     with pytest.raises(ConfigError, match="variants.v has not run"):
         retestable(exp, "v")
+    unseeded = {**exp, "search": {**exp["search"], "retest_seeds": []}}
+    with pytest.raises(ConfigError, match="key 'quick-classification.search.retest_seeds' is empty"):
+        retestable(unseeded, "v")
     write_json(layout.ablation_result(exp["name"], "v"), {"variant": "v", "changes": {"alpha": 3.0}})
     assert retestable(exp, "v")["changes"] == {"alpha": 3.0}
     changed = {**exp, "ablation": {**exp["ablation"], "variants": {"v": {"alpha": 5.0}}}}
