@@ -187,8 +187,8 @@ def table(exp: dict) -> None:
     scratch, original_search = pipeline_searches(name)
     rows = [read_json(layout.ablation_result(name, v)) for v in exp["ablation"]["variants"]]
     chance = chance_level(exp)
-    for row in rows:  # judged again here, so the table follows the current verdict rules
-        row.update(judged(exp, row["search"], scratch, original_search, row.get("redteam_attacks"), chance))
+    # judged again here, so the table follows the current verdict rules and the pipeline's current searches
+    rows = [rejudged(exp, row, row["search"], scratch, original_search, chance) for row in rows]
     card = read_json(layout.model_dir(name, "sophon") / layout.CARD)
     history = read_json(layout.history(name, "sophon"))
     original = read_json(layout.model_dir(name, "original") / layout.CARD)
