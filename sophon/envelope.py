@@ -130,6 +130,22 @@ def retest(chosen: Mapping, runs: Mapping[str, Sequence[Sequence[float]]], highe
     return out
 
 
+CONSTANT_ANSWER = "constant answer"
+
+
+def with_constant_answer(envelope: Mapping, value: float, higher_is_better: bool) -> dict:
+    """The envelope with one more attacker in it: the one that answers one fixed class for every input and scores
+    `value` (the best such class's share of the test set) at every epoch, with no seed spread. Where `value` beats
+    the pick's mean it becomes the pick (std 0, config CONSTANT_ANSWER); elsewhere the envelope is unchanged.
+    Every start can answer a constant, so judging two envelopes both with it removes gains that come only from which
+    class a model collapsed onto. Other keys of `envelope` are kept."""
+    out = {**envelope, "mean": list(envelope["mean"]), "std": list(envelope["std"]), "config": list(envelope["config"])}
+    for e, mean in enumerate(out["mean"]):
+        if oriented(value, higher_is_better) > oriented(mean, higher_is_better):
+            out["mean"][e], out["std"][e], out["config"][e] = float(value), 0.0, CONSTANT_ANSWER
+    return out
+
+
 def _gains(sophon_env: Mapping, scratch_env: Mapping, higher_is_better: bool) -> list[float]:
     sophon, scratch = list(sophon_env["mean"]), list(scratch_env["mean"])
     if len(sophon) != len(scratch) or not sophon:

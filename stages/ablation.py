@@ -48,7 +48,7 @@ def quality_name(task) -> str:
 
 # What `judged` writes into a variant's result: the verdict, judged again by --retest and --table.
 VERDICT_KEYS = ("holds", "violations", "max_gain", "removed_at", "max_gain_epoch", "holds_last_checkpoint", "gain_at",
-                "cost_ratio", "best_config", "at_chance", "retest", "redteam", "worst_removed_at")
+                "cost_ratio", "best_config", "without_constant_answer", "retest", "redteam", "worst_removed_at")
 
 
 def judged(exp: dict, sophon_doc: dict, scratch: dict, original: dict | None = None,
@@ -58,7 +58,9 @@ def judged(exp: dict, sophon_doc: dict, scratch: dict, original: dict | None = N
     (`redteam`, as stages.redteam.run_suite returns them): the attacks the envelope does not cover and those beyond
     scratch, judged as the report judges them (against the retest's envelopes at the held-out seeds when the search
     has a retest), and the share removed against the worst case (at each epoch the stronger of the envelope and
-    every attack). With `chance` (the report's chance level), `at_chance` lists the failing epochs at or below it."""
+    every attack). With `chance` (the report's chance level) the envelopes hold the constant-answer attacker
+    (report.search.summarize), and `without_constant_answer` keeps the verdict without it: whether it holds, the
+    epochs it fails and, of those, the ones at or below the chance level (`at_chance`)."""
     docs = {"scratch": scratch, "sophon": sophon_doc, **({"original": original} if original else {})}
     e = summarize(docs, exp["search"], {"sophon": {"attacks": redteam}} if redteam else None, chance=chance)
     gains, removed = e["advantage"]["per_epoch"], e.get("removed") or []
@@ -66,11 +68,11 @@ def judged(exp: dict, sophon_doc: dict, scratch: dict, original: dict | None = N
               "removed_at": at_epochs(removed),
               "max_gain_epoch": e["advantage"]["epoch"], "holds_last_checkpoint": e["last_checkpoint"]["holds"],
               "gain_at": at_epochs(gains), "cost_ratio": e["cost_ratio"],
-              "best_config": e["starts"]["sophon"]["best"], **({"at_chance": e["at_chance"]} if "at_chance" in e else {})}
+              "best_config": e["starts"]["sophon"]["best"], **plain_verdict(e)}
     r = e.get("retest")
     if r and "advantage" in r:  # the same verdict at the search's held-out seeds (the report's claim)
         result["retest"] = {"seeds": r["seeds"], "holds": r["holds"], "violations": r["violations"],
-                            **({"at_chance": r["at_chance"]} if "at_chance" in r else {}),
+                            **plain_verdict(r),
                             "max_gain": r["advantage"]["value"], "max_gain_epoch": r["advantage"]["epoch"],
                             "gain_at": at_epochs(r["advantage"]["per_epoch"]),
                             "removed_at": at_epochs(r.get("removed") or [])}
@@ -85,6 +87,15 @@ def judged(exp: dict, sophon_doc: dict, scratch: dict, original: dict | None = N
             worst_removed = env.removed(e["starts"]["original"], e["starts"]["scratch"], worst, e["higher_is_better"])
             result["worst_removed_at"] = at_epochs(worst_removed)
     return result
+
+
+def plain_verdict(e: dict) -> dict:
+    """`judged`'s record of the verdict without the constant-answer attacker, when the summary has one."""
+    plain = e.get("without_constant_answer")
+    if plain is None:
+        return {}
+    return {"without_constant_answer": {"holds": plain["holds"], "violations": plain["violations"],
+                                        "at_chance": plain["at_chance"], "max_gain": plain["advantage"]["value"]}}
 
 
 def worst_case(envelope: dict, attack_means: list[list[float]], higher_is_better: bool) -> dict:
@@ -219,8 +230,10 @@ def table(exp: dict) -> None:
     for r in rows:
         at, removed = r["gain_at"], r.get("removed_at", {})
         holds = "yes" if r["holds"] else f"no ({len(r['violations'])})"
+        holds += plain_cell(r)
         if r.get("retest"):
             holds += f"; at held-out seeds {'yes' if r['retest']['holds'] else 'no (%d)' % len(r['retest']['violations'])}"
+            holds += plain_cell(r["retest"])
             if r["retest"]["seeds"] is None:  # its retest ran at other seeds than the pipeline's: judged across them
                 holds += " (other seeds than the pipeline's: --retest)"
         lines.append(f"| {r['variant']} | {r['name']} | {holds} | "
@@ -235,6 +248,15 @@ def table(exp: dict) -> None:
     write_json(layout.ablation_table(name).with_suffix(".json"), {"experiment": name, "rows": rows})
     write_text(layout.ablation_table(name), "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def plain_cell(verdict: dict) -> str:
+    """What the table adds where the verdict without the constant-answer attacker differs: its failing epochs."""
+    plain = verdict.get("without_constant_answer")
+    if not plain or plain["holds"] == verdict["holds"]:
+        return ""
+    at = " at chance" if plain["at_chance"] == plain["violations"] else ""
+    return f" (without the constant answer: no, epochs {', '.join(map(str, plain['violations']))}{at})"
 
 
 def retestable(exp: dict, variant: str) -> dict:

@@ -11,7 +11,7 @@ from sophon.config import experiment, load_params
 from sophon import layout
 from sophon.errors import ConfigError
 from sophon.io import write_json
-from stages.ablation import judged, redteam_cell, rejudged, retestable, worst_case, worst_cell
+from stages.ablation import judged, plain_cell, redteam_cell, rejudged, retestable, worst_case, worst_cell
 from tests.test_report import SEARCH, SEEDS, _search_doc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,10 +63,17 @@ def test_a_variant_is_judged_at_the_retest_seeds_too(exp):
                                                                      for k in (0, 1)]}}
     result = judged(exp, docs["sophon"], docs["scratch"], docs["original"])
     assert result["holds"] and result["retest"]["holds"] is False and result["retest"]["violations"] == [1, 2, 3]
-    assert "at_chance" not in result["retest"]
-    # With a chance level of 65 % the failing epoch 1 (Sophon at 61) is at it, epochs 2 and 3 (71, 81) are not.
+    assert "without_constant_answer" not in result["retest"]
+    # With a chance level of 65 % the constant answer lifts every start to it: at epoch 1 (Sophon at 61, scratch at 51)
+    # both answer it, so only epochs 2 and 3 (71, 81 against 65, 71) fail; without it epoch 1 fails too, at chance.
     at = judged(exp, docs["sophon"], docs["scratch"], docs["original"], chance=65.0)
-    assert at["retest"]["at_chance"] == [1] and at["at_chance"] == [] and at["retest"]["holds"] is False
+    assert at["retest"]["holds"] is False and at["retest"]["violations"] == [2, 3]
+    assert at["retest"]["without_constant_answer"] == {"holds": False, "violations": [1, 2, 3], "at_chance": [1],
+                                                       "max_gain": pytest.approx(10.0)}
+    assert at["holds"] and at["without_constant_answer"]["holds"] and at["without_constant_answer"]["at_chance"] == []
+    assert plain_cell(at["retest"]) == "" and plain_cell(at) == ""
+    assert plain_cell({"holds": True, **{k: v for k, v in at["retest"].items() if k != "holds"}}) == (
+        " (without the constant answer: no, epochs 1, 2, 3)")
     assert result["retest"]["seeds"] == [3, 4] and result["retest"]["gain_at"]["1"] == pytest.approx(10.0)
     assert result["retest"]["removed_at"]["1"] == pytest.approx((71 - 61) / 20)
     # A red-team attack at 41/51/61 (seed means) beats Sophon's picking envelope (21/31/41) but not its retest

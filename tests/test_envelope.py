@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from sophon.envelope import (EnvelopeInputError, advantage, best_so_far, cost_ratio, covers, default_target, envelope,
-                             head_start, holds, removed, retest,
-                             score, slice_table, steps_to_reach)
+from sophon.envelope import (CONSTANT_ANSWER, EnvelopeInputError, advantage, best_so_far, cost_ratio, covers,
+                             default_target, envelope, head_start, holds, removed, retest, score, slice_table,
+                             steps_to_reach, with_constant_answer)
 
 
 def _env(mean, std=None):
@@ -274,3 +274,14 @@ def test_envelopes_figure_writes_png(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert not math.isnan(doc["starts"]["sophon"]["mean"][2])
+
+
+def test_the_constant_answer_replaces_only_the_epochs_it_beats():
+    chosen = {"mean": [9.0, 12.0, 11.5, float("nan")], "std": [1.0, 2.0, 0.5, 0.0], "config": ["a", "b", "b", "b"],
+              "best": "b"}
+    out = with_constant_answer(chosen, 11.5, True)
+    assert out["mean"] == [11.5, 12.0, 11.5, 11.5] and out["std"] == [0.0, 2.0, 0.5, 0.0]
+    assert out["config"] == [CONSTANT_ANSWER, "b", "b", CONSTANT_ANSWER] and out["best"] == "b"  # a tie keeps the pick
+    assert chosen["mean"][0] == 9.0 and chosen["config"][0] == "a"  # the input is not changed
+    mse = with_constant_answer({"mean": [1.2, 0.9], "std": [0.1, 0.1], "config": ["a", "a"]}, 1.0, False)
+    assert mse["mean"] == [1.0, 0.9] and mse["config"] == [CONSTANT_ANSWER, "a"]

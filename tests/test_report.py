@@ -86,9 +86,9 @@ def project(tmp_path, monkeypatch):
         write_json(layout.search_result(EXP, start), _search_doc(start, base))
     for model, acc in CARDS.items():
         write_json(layout.model_dir(EXP, model) / layout.CARD, {"original_test_accuracy": acc})
-    # The restricted test part (the report reads its majority-class share): 7 of 20 labels are 0, so 35 %.
+    # The restricted test part (the report reads its majority-class share): 2 of 20 labels per class, so 10 %.
     part = layout.split_part(EXP, "restricted_test")
-    labels = torch.tensor([0] * 7 + list(range(1, 10)) + [1, 2, 3, 4])
+    labels = torch.tensor(list(range(10)) * 2)
     save_part(ImageSet(torch.zeros(20, 3, 8, 8, dtype=torch.uint8), labels, tuple(str(c) for c in range(10))), part, {})
     write_manifest(layout.split_manifest(EXP), {"restricted_test": part}, {})
     write_json(layout.history(EXP, "sophon"), {
@@ -257,25 +257,42 @@ def test_in_short_says_when_there_is_nothing_to_protect_and_reads_mse_the_right_
         "Against the strongest searched attacker: no verdict (the search needs the scratch and Sophon starts)."]
 
 
-def test_failing_epochs_at_chance_level_are_named_and_still_fail(project):
-    """A failing epoch where Sophon's envelope is at or below the restricted test set's majority-class share (35 %
-    in the fixture) is named as at chance level; one above it is not; the verdict counts both."""
+def test_the_constant_answer_attacker_is_in_every_envelope(project):
+    """With a restricted test set's majority-class share (15 % here) every start's envelope holds the
+    attacker that answers that class for every image: a gain at chance level is no gain, one above it still fails,
+    and the verdict without it is kept and named."""
+    from sophon.envelope import CONSTANT_ANSWER
     from sophon.report.search import in_short, restricted_chance, summarize, verdict_lines
 
-    assert restricted_chance(EXP) == pytest.approx(35.0)
+    assert restricted_chance(EXP) == pytest.approx(10.0)  # the fixture's, which no epoch-0 mean (11) is under
     search = experiment(load_params("params.yaml"), EXP)["search"]
-    # Epoch 0: Sophon 15 against scratch 11 (beyond the spread of ~1.4, at chance); epoch 3: 81 against 71 (above it).
+    # Seed means: epoch 0 Sophon 13 against scratch 11 (beyond the spread of ~1.4, both under 15 %); epoch 3: 81
+    # against 71 (above it).
     docs = {start: _search_doc(start, base) for start, base in
-            {"scratch": SEARCH["scratch"], "original": SEARCH["original"], "sophon": [14, 20, 30, 80]}.items()}
-    e = summarize(docs, search, chance=restricted_chance(EXP))
-    assert e["holds"] is False and e["violations"] == [0, 3] and e["at_chance"] == [0]
-    assert e["chance_level"] == pytest.approx(35.0)
-    note = ("Of these, epoch 0 has Sophon's best attacker at or below 35.0%, the restricted test set's "
-            "majority-class share")
+            {"scratch": SEARCH["scratch"], "original": SEARCH["original"], "sophon": [12, 20, 30, 80]}.items()}
+    e = summarize(docs, search, chance=15.0)
+    assert e["chance_level"] == pytest.approx(15.0)
+    assert e["holds"] is False and e["violations"] == [3] and e["advantage"]["per_epoch"][0] == 0.0
+    for start in ("scratch", "sophon", "original"):
+        s = e["starts"][start]
+        assert (s["mean"][0], s["std"][0], s["config"][0]) == (15.0, 0.0, CONSTANT_ANSWER)
+        assert s["config"][1] != CONSTANT_ANSWER
+    plain = e["without_constant_answer"]
+    assert plain["holds"] is False and plain["violations"] == [0, 3] and plain["at_chance"] == [0]
+    note = ("Without the constant-answer attacker (one class for every image: 15.0%, the restricted test set's "
+            "majority-class share) in the envelopes it fails at epochs 0, 3 (largest gain +10 points at epoch 3), "
+            "of them epoch 0 with Sophon's best attacker at or below that share")
     assert note in verdict_lines(e)[0] and note in in_short(e, "intact", "paper")[1]
     assert "protection does NOT hold" in in_short(e, "intact", "paper")[1]
-    only_chance = summarize({**docs, "sophon": _search_doc("sophon", [14, 20, 30, 40])}, search, chance=35.0)
-    assert only_chance["violations"] == only_chance["at_chance"] == [0]
-    assert "Every epoch where it fails has Sophon's best attacker at or below 35.0%" in verdict_lines(only_chance)[0]
-    # Without a chance level (diffusion) nothing is named.
-    assert "at_chance" not in summarize(docs, search) and "majority-class" not in verdict_lines(summarize(docs, search))[0]
+    only_chance = summarize({**docs, "sophon": _search_doc("sophon", [12, 20, 30, 40])}, search, chance=15.0)
+    assert only_chance["holds"] is True
+    assert only_chance["without_constant_answer"]["violations"] == only_chance["without_constant_answer"]["at_chance"] == [0]
+    assert "it would fail at epoch 0 (largest gain +2 points at epoch 0), every one of them" in verdict_lines(only_chance)[0]
+    # Above the chance level the gain counts with and without it, and nothing more is said.
+    above = summarize({**docs, "sophon": _search_doc("sophon", [17, 20, 30, 40])}, search, chance=15.0)
+    assert above["violations"] == above["without_constant_answer"]["violations"] == [0]
+    assert above["advantage"]["per_epoch"][0] == pytest.approx(3.0) and "constant-answer" not in verdict_lines(above)[0]
+    # Without a chance level (diffusion) the envelopes are the search's alone.
+    plain_only = summarize(docs, search)
+    assert "without_constant_answer" not in plain_only and plain_only["violations"] == [0, 3]
+    assert "majority-class" not in verdict_lines(plain_only)[0]
