@@ -268,7 +268,7 @@ def test_envelopes_figure_writes_png(tmp_path):
         "original": envelope({"a": [[12, 70, 80]]}, True),
         "ntl": envelope({"a": [[10, 30, 50]]}, True),
         "sophon": envelope({"a": [[10, 11, float("nan")]], "b": [[10, 12, 13]]}, True),
-    }}
+    }, "chance_level": 11.0}
     path = tmp_path / "figs" / "envelope.png"
     envelopes(doc, path, ylabel="restricted-domain accuracy (%)", title="attacker envelope")
     data = path.read_bytes()

@@ -127,6 +127,9 @@ def envelopes(envelope_doc: dict, path, *, ylabel: str, title: str, early: int =
                 mean = attack["vs_envelope"]["mean"]
                 ax.plot(np.arange(len(mean)), mean, ls="--", lw=0.9, alpha=0.8,
                         label=f"red team: {name} ({LABELS.get(start, start)})")
+        if "chance_level" in envelope_doc:  # the constant-answer attacker every envelope holds
+            ax.axhline(envelope_doc["chance_level"], color="grey", ls="-.", lw=0.9,
+                       label=f"constant answer ({envelope_doc['chance_level']:.1f}%)")
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel="fine-tuning epoch")
