@@ -237,7 +237,8 @@ def test_the_retest_at_held_out_seeds_is_the_claim(project, monkeypatch, capsys)
     assert "Envelope verdict on the picking seeds (0, 1; the claim is the retest's): protection HOLDS" in out
     assert "(the retest's, at held-out seeds 3, 4)" in md
     from sophon.report.search import holds_metrics
-    assert holds_metrics(envelope) == {"envelope_holds": 0, "envelope_holds_picking_seeds": 1}
+    assert holds_metrics(envelope) == {"envelope_holds": 0, "envelope_holds_without_constant_answer": 0,
+                                       "envelope_holds_picking_seeds": 1}
 
 
 def test_in_short_says_when_there_is_nothing_to_protect_and_reads_mse_the_right_way():

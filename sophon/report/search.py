@@ -280,7 +280,10 @@ def verdict_lines(e: dict) -> list[str]:
 
 def holds_metrics(e: dict) -> dict[str, int]:
     """MLflow metrics: `envelope_holds` is the claim's verdict (the retest's when there is one)."""
-    metrics = {"envelope_holds": int(claimed(e)[0].get("holds", 0))}
+    claim = claimed(e)[0]
+    metrics = {"envelope_holds": int(claim.get("holds", 0))}
+    if "without_constant_answer" in claim:
+        metrics["envelope_holds_without_constant_answer"] = int(claim["without_constant_answer"]["holds"])
     if e.get("retest"):
         metrics["envelope_holds_picking_seeds"] = int(e.get("holds", 0))
     return metrics
