@@ -300,7 +300,9 @@ def retest_variant(exp: dict, variant: str, device) -> None:
         document.update(experiment=name, seconds=time.perf_counter() - began)
         result = rejudged(exp, row, document, *pipeline_searches(name), chance_level(exp, restricted_test))
         retest = result["retest"]
-        tracked.log_metrics({"retest_holds": float(retest["holds"]), "retest_max_gain": retest["max_gain"]})
+        plain = retest.get("without_constant_answer")
+        tracked.log_metrics({"retest_holds": float(retest["holds"]), "retest_max_gain": retest["max_gain"],
+                             **({"retest_holds_without_constant_answer": float(plain["holds"])} if plain else {})})
         write_json(layout.ablation_result(name, variant), result)
     same = {k: e["curves"] for k, e in document["confirmed"].items()} == {
         k: e["curves"] for k, e in row["search"]["confirmed"].items()}
