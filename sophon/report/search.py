@@ -54,6 +54,19 @@ def _judge(starts: dict, higher: bool, redteam: dict | None, searched: dict | No
     return out
 
 
+def _judged_with_constant_answer(searched: dict, higher: bool, redteam: dict | None,
+                                 chance: float | None) -> tuple[dict, dict]:
+    """The envelopes with the constant-answer attacker in them (env.with_constant_answer; with `chance` only) and
+    their verdicts (`_judge`), plus the verdict of the `searched` envelopes alone as `without_constant_answer`."""
+    if chance is None:
+        return searched, _judge(searched, higher, redteam)
+    starts = {start: env.with_constant_answer(e, chance, higher) for start, e in searched.items()}
+    verdicts = _judge(starts, higher, redteam, searched)
+    if "sophon" in searched and "scratch" in searched:
+        verdicts["without_constant_answer"] = _verdict(searched, higher, chance)
+    return starts, verdicts
+
+
 def summarize(docs: dict[str, dict], search: dict, redteam: dict[str, dict] | None = None, *,
               chance: float | None = None) -> dict:
     """The `envelope` section of summary.json from the search documents of every start (`docs[start]`) and the
@@ -78,8 +91,8 @@ def summarize(docs: dict[str, dict], search: dict, redteam: dict[str, dict] | No
                          "best_config": doc["confirmed"][best]["config"], "best_score": scores[best]}
         last[start] = env.envelope(runs, higher)
     searched = starts
-    if chance is not None:  # every start's attacker may answer one class for every image (env.with_constant_answer)
-        starts = {start: env.with_constant_answer(e, chance, higher) for start, e in searched.items()}
+    starts, verdicts = _judged_with_constant_answer(searched, higher, redteam, chance)
+    if chance is not None:
         last = {start: env.with_constant_answer(e, chance, higher) for start, e in last.items()}
     result = {"epochs": search["epochs"], "metric": "restricted accuracy (%)" if higher else "restricted MSE",
               "higher_is_better": higher, "checkpoint": "best so far",
@@ -93,9 +106,7 @@ def summarize(docs: dict[str, dict], search: dict, redteam: dict[str, dict] | No
               "starts": starts}
     if chance is not None:
         result["chance_level"] = chance
-    result.update(_judge(starts, higher, redteam, searched if chance is not None else None))
-    if chance is not None and "sophon" in starts and "scratch" in starts:
-        result["without_constant_answer"] = _verdict(searched, higher, chance)
+    result.update(verdicts)
     if "sophon" in starts and "scratch" in starts:
         result["spread_rule"] = env.holds(starts["sophon"], starts["scratch"], higher)["rule"]
         # The same verdict judged at the last checkpoint of every run (no early stopping), for comparison.
@@ -108,13 +119,8 @@ def summarize(docs: dict[str, dict], search: dict, redteam: dict[str, dict] | No
     if all("retest" in doc for doc in docs.values()):
         retested = {start: env.retest(searched[start], doc["retest"]["runs"], higher) for start, doc in docs.items()}
         seeds = {tuple(doc["retest"]["seeds"]) for doc in docs.values()}
-        plain = retested
-        if chance is not None:
-            retested = {start: env.with_constant_answer(e, chance, higher) for start, e in plain.items()}
-        result["retest"] = {"seeds": list(seeds.pop()) if len(seeds) == 1 else None, "starts": retested,
-                            **_judge(retested, higher, redteam, plain if chance is not None else None)}
-        if chance is not None and "sophon" in plain and "scratch" in plain:
-            result["retest"]["without_constant_answer"] = _verdict(plain, higher, chance)
+        retested, verdicts = _judged_with_constant_answer(retested, higher, redteam, chance)
+        result["retest"] = {"seeds": list(seeds.pop()) if len(seeds) == 1 else None, "starts": retested, **verdicts}
     result["slices"] = {axis: env.slice_table([{"start": s, "name": r["name"], "config": r["config"], "curve": r["curve"]}
                                                for s, d in docs.items() for r in d["coarse"] if len(r["curve"]) > 1],
                                               axis, higher)
